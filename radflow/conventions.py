@@ -1,0 +1,117 @@
+"""The one place that defines radflow's naming conventions.
+
+Column names of the tables that flow between stages, the pseudonym scheme, the shard
+assignment and the on-disk layout of each stage's artefacts. Every module imports these
+names instead of spelling strings, so a convention changes in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+# ---------------------------------------------------------------- table columns
+PATIENT_PID = "patient_pid"  # keyed-hash pseudonym of the patient identifier
+STUDY_PID = "study_pid"  # keyed-hash pseudonym of StudyInstanceUID
+SERIES_PID = "series_pid"  # keyed-hash pseudonym of one image unit (series or instance)
+LABEL = "label"  # binary target, 0/1, after mapping the user's labels
+SHARD = "shard"  # integer shard the unit's work is done in
+SPLIT = "split"  # "dev" (cross-validation pool) or "test" (held out)
+FOLD = "fold"  # validation fold of a dev case, -1 for test cases
+FILE_ID = "file_id"  # keyed-hash pseudonym of a file path, for quarantine listings
+REASON = "reason"  # human-readable reason a file or series was left out
+PROB = "prob"  # predicted probability of the positive class
+MODALITY = "modality"  # DICOM Modality of an image unit (CT, MR, DX...)
+PATH = "path"  # file path relative to the DICOM root: PRIVATE tables only (may name patients)
+ROW_PX = "row_px"  # 0-based row index of an annotated point in the stored DICOM image
+COL_PX = "col_px"  # 0-based column index of an annotated point in the stored DICOM image
+DIAMETER_MM = "diameter_mm"  # annotated lesion diameter, mm
+STATUS = "status"  # per-unit outcome in a manifest: STATUS_OK or STATUS_FAILED
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+SPLIT_DEV = "dev"
+SPLIT_TEST = "test"
+
+# Modalities whose images are 2D projections: every SOP instance is its own image unit.
+PROJECTION_MODALITIES = frozenset({"DX", "CR", "MG", "RF", "XA", "IO", "PX"})
+
+# ------------------------------------------------------------------ pseudonyms
+PSEUDONYM_HEX_CHARS = 16  # 64 bits: collision odds ~1e-9 for 1e5 ids; checked anyway
+
+
+def pseudonym(key: bytes, kind: str, identifier: str) -> str:
+    """Keyed pseudonym of `identifier`, e.g. ``pseudonym(k, "pat", "12345") -> "pat-3f0c..."``.
+
+    HMAC-SHA256 keyed by the study's secret: without the key the identifier cannot be
+    recovered or confirmed by hashing guesses (an unkeyed hash of a PatientID can).
+    `kind` namespaces the ids so a patient and a study never share a pseudonym.
+    """
+    if not identifier:
+        raise ValueError(f"cannot pseudonymise an empty {kind} identifier")
+    digest = hmac.new(key, f"{kind}:{identifier}".encode(), hashlib.sha256).hexdigest()
+    return f"{kind}-{digest[:PSEUDONYM_HEX_CHARS]}"
+
+
+def load_or_create_key(key_file: str | os.PathLike) -> tuple[bytes, bool]:
+    """Read the pseudonymisation key, creating a random one (mode 0600) if absent.
+
+    Returns (key, created). The key file must live outside results/ and never be
+    committed: whoever holds it can re-link pseudonyms to patients.
+    """
+    path = Path(key_file)
+    if path.exists():
+        key = path.read_bytes().strip()
+        if len(key) < 16:
+            raise ValueError(
+                f"pseudonymisation key file {path} holds {len(key)} bytes; "
+                "use at least 16 random bytes (delete it to have radflow create one)"
+            )
+        return key, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key + b"\n")
+    return key, True
+
+
+# ---------------------------------------------------------------------- shards
+def shard_of(series_pid: str, n_shards: int) -> int:
+    """Stable shard of an image unit: the same pseudonym lands in the same shard on every
+    run and machine (unlike Python's salted hash()), so new data touches few shards."""
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    digest = hashlib.sha256(series_pid.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n_shards
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:03d}"
+
+
+# ------------------------------------------------------------------- file names
+NIFTI_SUFFIX = ".nii.gz"
+SIDECAR_SUFFIX = ".json"
+MANIFEST = "manifest.tsv"  # per-shard table written by convert and preprocess
+SERIES_TABLE = "series.tsv"  # index: one row per labelled image unit (results, PHI-free)
+QUARANTINE_TABLE = "quarantine.tsv"  # index: left-out files and units (results, PHI-free)
+ANNOTATIONS_TABLE = "annotations.tsv"  # index: lesion points joined to units (results)
+INDEX_SUMMARY = "summary.json"  # index: counts for the log and report (results)
+QUARANTINE_PATHS = "quarantine_paths.tsv"  # index: file_id -> path (PRIVATE)
+SHARD_INDEX_DIR = "index"  # <private>/index/<shard_name(k)>.tsv: files per shard (PRIVATE)
+PREPROCESSED_ARRAY = "images.npy"  # (N, C, *spatial) float16, memory-mappable
+
+# ------------------------------------------------------------------ evaluation
+SPLIT_VAL = "val"  # predictions: a fold model's out-of-fold validation case
+TEST_FOLD = -1  # FOLD of a per-case row that belongs to no single fold (test ensemble)
+PREDICTED = "predicted"  # 0/1 call at the study's operating threshold
+OUTCOME = "outcome"  # "TP", "FP", "TN" or "FN" of that call
+EVAL_METRICS_JSON = "metrics.json"  # nested metrics with bootstrap CIs
+EVAL_METRICS_TSV = "metrics.tsv"  # flat table of the headline metrics, for the report
+EVAL_PER_CASE = "per_case.tsv"  # one row per case and split kind
+EVAL_CURVES = "curves.json"  # every number the figures draw
