@@ -1,0 +1,489 @@
+"""Convert the image units of one shard from DICOM to NIfTI-1 (.nii.gz + JSON sidecar).
+
+Layout and geometry (the same as dcm2niix up to the order in which axes are stored, which
+`nibabel.as_closest_canonical` removes; tests/test_convert.py checks it against dcm2niix):
+
+- Voxel (i, j, k) is column i, row j of slice k of the DICOM pixel data, unflipped:
+  ``nifti_data[:, :, k] == pixel_array_k.T``. `radflow.dicom.nifti.read_image` inverts it.
+- The affine maps voxels to RAS+ millimetres. DICOM positions are LPS, so the x and y
+  rows of the LPS affine are negated. Its columns are row cosine * column spacing,
+  column cosine * row spacing and slice normal * slice spacing; the translation is the
+  ImagePositionPatient of slice k = 0 (PixelSpacing is [between rows, between columns]).
+- 3D units: slices are sorted by the projection of ImagePositionPatient onto the slice
+  normal (row cosine x column cosine), never by InstanceNumber. Uneven spacing, repeated
+  positions and slices shifted in-plane along the stack (gantry tilt) fail the unit.
+- 2D projection units (DX, CR, MG...): one slice of thickness 1 mm. Spacing comes from
+  PixelSpacing, else ImagerPixelSpacing, else 1 mm (noted in the sidecar); dcm2niix
+  (v1.0.20260724) ignores ImagerPixelSpacing and writes 1 mm, the one deliberate
+  difference. Without
+  ImageOrientationPatient the orientation is the identity LPS direction (columns run to
+  patient left, rows to posterior) with origin 0. dcm2niix writes such files with
+  qform/sform code 0, i.e. no orientation at all, and nibabel reads them with the same
+  axis directions, so radflow agrees with it up to a translation; radflow sets code 1
+  because downstream tools warn on code 0. This geometry is nominal: only the spacing and
+  the row/column layout mean something, the projection has no patient position.
+
+Intensities: RescaleSlope/RescaleIntercept are applied per slice. The data are int16 (or
+int32 when needed) when every slope and intercept is an integer, float32 otherwise, and
+the header carries no scaling. MONOCHROME1 images are inverted so that higher always means
+brighter: new = lo + hi - value, where [lo, hi] is the range BitsStored and
+PixelRepresentation can represent after rescale (dcm2niix does not invert; the sidecar
+records "inverted_monochrome1": true).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+
+from radflow import conventions as C
+from radflow.deid import quiet_pydicom, sidecar_fields
+from radflow.dicom import radflow_version
+from radflow.dicom.index import read_shard_files, write_bytes_atomic, write_tsv
+
+#: Largest allowed deviation of a slice step from the median step: max(absolute, relative
+#: * median). Positions are written with ~0.001 mm precision; real gaps are >= 0.1 mm.
+SLICE_STEP_TOLERANCE_MM = 0.01
+SLICE_STEP_TOLERANCE_REL = 0.01
+#: Two slices closer than this along the normal are "at the same position".
+SAME_POSITION_MM = 1e-3
+#: Largest difference between direction cosines of slices of one unit.
+ORIENTATION_TOLERANCE = 1e-4
+
+MANIFEST_COLUMNS = [C.SERIES_PID, C.STATUS, C.REASON, "ndim", "shape", "spacing_mm", "dtype"]
+
+_GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+
+
+class ConversionError(Exception):
+    """A unit cannot be converted; the message is the PHI-free reason for the manifest."""
+
+
+@dataclass
+class Geometry:
+    """Where the voxels are: RAS affine (4x4, mm), voxel spacing (x, y, z) in mm, the order
+    in which the unit's datasets become slices k = 0, 1, ..., and notes for the sidecar."""
+
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    order: list[int]
+    notes: dict[str, Any]
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
+    value = ds.get(keyword)
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        out = np.array([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return out if out.shape == (n,) and np.all(np.isfinite(out)) else None
+
+
+def ras_affine(
+    row_cosine: np.ndarray,
+    col_cosine: np.ndarray,
+    slice_vector: np.ndarray,
+    row_spacing: float,
+    col_spacing: float,
+    slice_spacing: float,
+    origin_lps: np.ndarray,
+) -> np.ndarray:
+    """The 4x4 voxel -> RAS mm affine of a DICOM slice stack (voxel i = column, j = row).
+
+    row_cosine: LPS direction of increasing column index; col_cosine: of increasing row
+    index; slice_vector: unit LPS direction from slice k to k+1; spacings in mm
+    (row_spacing = distance between rows); origin_lps: centre of voxel (0, 0, 0).
+    """
+    lps = np.eye(4)
+    lps[:3, 0] = row_cosine * col_spacing
+    lps[:3, 1] = col_cosine * row_spacing
+    lps[:3, 2] = slice_vector * slice_spacing
+    lps[:3, 3] = origin_lps
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _orientation(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    iop = _floats(ds, "ImageOrientationPatient", 6)
+    if iop is None:
+        return None
+    r, c = iop[:3], iop[3:]
+    nr, nc = np.linalg.norm(r), np.linalg.norm(c)
+    if abs(nr - 1) > 1e-2 or abs(nc - 1) > 1e-2 or abs(r @ c) > 1e-2:
+        raise ConversionError("ImageOrientationPatient is not a pair of orthonormal vectors")
+    return r / nr, c / nc
+
+
+def _pixel_spacing(ds: pydicom.Dataset, *, allow_imager: bool) -> tuple[np.ndarray, str] | None:
+    keywords = ("PixelSpacing", "ImagerPixelSpacing") if allow_imager else ("PixelSpacing",)
+    for keyword in keywords:
+        spacing = _floats(ds, keyword, 2)
+        if spacing is not None and np.all(spacing > 0):
+            return spacing, keyword
+    return None
+
+
+def projection_geometry(ds: pydicom.Dataset) -> Geometry:
+    """Geometry of a 2D projection image (see the module docstring for the defaults)."""
+    notes: dict[str, Any] = {}
+    found = _pixel_spacing(ds, allow_imager=True)
+    if found is None:
+        spacing, notes["spacing_source"] = np.array([1.0, 1.0]), "none: 1.0 mm assumed"
+    else:
+        spacing, notes["spacing_source"] = found
+    cosines = _orientation(ds)
+    if cosines is None:
+        r, c = np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
+        origin = np.zeros(3)
+        notes["orientation_source"] = "none: identity orientation, origin 0 (nominal)"
+    else:
+        r, c = cosines
+        position = _floats(ds, "ImagePositionPatient", 3)
+        origin = position if position is not None else np.zeros(3)
+        notes["orientation_source"] = "ImageOrientationPatient"
+    affine = ras_affine(r, c, np.cross(r, c), spacing[0], spacing[1], 1.0, origin)
+    return Geometry(affine, (float(spacing[1]), float(spacing[0]), 1.0), [0], notes)
+
+
+def _fmt_steps(steps: np.ndarray) -> str:
+    values = sorted({float(f"{s:.3g}") for s in steps})
+    shown = ", ".join(f"{v:g}" for v in values[:8])
+    return shown + (", ..." if len(values) > 8 else "")
+
+
+def volume_geometry(datasets: Sequence[pydicom.Dataset]) -> Geometry:
+    """Geometry of a stack of parallel slices; raises ConversionError if it is not one."""
+    cosines = []
+    positions = []
+    spacings = []
+    for ds in datasets:
+        orientation = _orientation(ds)
+        position = _floats(ds, "ImagePositionPatient", 3)
+        if orientation is None or position is None:
+            raise ConversionError("missing ImageOrientationPatient or ImagePositionPatient")
+        found = _pixel_spacing(ds, allow_imager=False)
+        if found is None:
+            raise ConversionError("missing PixelSpacing")
+        cosines.append(np.concatenate(orientation))
+        positions.append(position)
+        spacings.append(found[0])
+    cosines_a, positions_a, spacings_a = np.array(cosines), np.array(positions), np.array(spacings)
+    if np.abs(cosines_a - cosines_a[0]).max() > ORIENTATION_TOLERANCE:
+        raise ConversionError("ImageOrientationPatient differs between slices")
+    if np.abs(spacings_a - spacings_a[0]).max() > 1e-4:
+        raise ConversionError("PixelSpacing differs between slices")
+    r, c = cosines_a[0, :3], cosines_a[0, 3:]
+    normal = np.cross(r, c)
+    normal /= np.linalg.norm(normal)
+    along = positions_a @ normal
+    order = [int(i) for i in np.argsort(along, kind="stable")]
+    along = along[order]
+    notes: dict[str, Any] = {"spacing_source": "PixelSpacing"}
+    notes["orientation_source"] = "ImageOrientationPatient"
+    if len(datasets) == 1:
+        ds = datasets[0]
+        thickness = next(
+            (float(ds.get(k)) for k in ("SpacingBetweenSlices", "SliceThickness") if ds.get(k)),
+            1.0,
+        )
+        step = thickness if thickness > 0 else 1.0
+        notes["slice_spacing_source"] = "single slice: SpacingBetweenSlices/SliceThickness"
+    else:
+        steps = np.diff(along)
+        same = int((steps < SAME_POSITION_MM).sum())
+        if same:
+            raise ConversionError(
+                f"{same + 1} or more slices share a position (several stacks in one series: "
+                "echoes, time points or repeats?)"
+            )
+        median = float(np.median(steps))
+        tolerance = max(SLICE_STEP_TOLERANCE_MM, SLICE_STEP_TOLERANCE_REL * median)
+        if np.abs(steps - median).max() > tolerance:
+            raise ConversionError(
+                f"uneven slice spacing: steps of {_fmt_steps(steps)} mm between slices "
+                f"(tolerance {tolerance:.3g} mm)"
+            )
+        offsets = positions_a[order] - positions_a[order[0]]
+        in_plane = offsets - np.outer(offsets @ normal, normal)
+        if np.linalg.norm(in_plane, axis=1).max() > tolerance:
+            raise ConversionError(
+                "slices are shifted in-plane along the stack (gantry tilt or sheared "
+                "acquisition), which is not supported"
+            )
+        step = float((along[-1] - along[0]) / (len(along) - 1))
+        notes["slice_spacing_source"] = "ImagePositionPatient"
+    row_spacing, col_spacing = spacings_a[0]
+    affine = ras_affine(r, c, normal, row_spacing, col_spacing, step, positions_a[order[0]])
+    return Geometry(affine, (float(col_spacing), float(row_spacing), step), order, notes)
+
+
+def stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
+    """The values BitsStored bits can hold: [0, 2^b - 1] or [-2^(b-1), 2^(b-1) - 1]."""
+    if signed:
+        return -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
+    return 0, 2**bits_stored - 1
+
+
+def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
+    try:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise ConversionError("RescaleSlope or RescaleIntercept is not a number") from exc
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise ConversionError("RescaleSlope is zero or not finite")
+    return slope, intercept
+
+
+def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
+    """Checks that need no pixel decoding; returns the common PhotometricInterpretation."""
+    photometrics = set()
+    sizes = set()
+    for ds in datasets:
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if photometric not in _GRAYSCALE or samples != 1:
+            raise ConversionError(
+                f"colour image (PhotometricInterpretation {photometric or 'missing'}) "
+                "in a grayscale study"
+            )
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise ConversionError("multi-frame instance is not supported yet")
+        if "ModalityLUTSequence" in ds:
+            raise ConversionError("Modality LUT Sequence is not supported")
+        if "PixelData" not in ds:
+            raise ConversionError("no pixel data")
+        photometrics.add(photometric)
+        sizes.add((int(ds.Rows), int(ds.Columns)))
+    if len(sizes) > 1:
+        shown = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
+        raise ConversionError(f"image sizes (rows x columns) differ between slices: {shown}")
+    if len(photometrics) > 1:
+        raise ConversionError("MONOCHROME1 and MONOCHROME2 slices mixed in one unit")
+    return photometrics.pop()
+
+
+def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Rescaled (and MONOCHROME1-inverted) pixel values of slices in the given order.
+
+    Input: datasets with pixel data, already in slice order. Output: array of shape
+    (slices, rows, columns) in DICOM display order, dtype int16/int32 (integral rescale)
+    or float32, in rescaled units (HU for CT); and notes for the sidecar.
+    """
+    photometric = _check_pixels(datasets)
+    rescales = [_rescale(ds) for ds in datasets]
+    ranges = []
+    for ds, (slope, intercept) in zip(datasets, rescales, strict=True):
+        lo, hi = stored_range(int(ds.BitsStored), int(ds.PixelRepresentation) == 1)
+        ends = (slope * lo + intercept, slope * hi + intercept)
+        ranges.append((min(ends), max(ends)))
+    lo_possible = min(r[0] for r in ranges)
+    hi_possible = max(r[1] for r in ranges)
+    integral = all(float(s).is_integer() and float(b).is_integer() for s, b in rescales)
+    integral = integral and -(2**31) <= lo_possible and hi_possible < 2**31
+    work_dtype = np.int64 if integral else np.float64
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    # float32 output; int32 holds every integral result (range checked above)
+    volume = np.empty((len(datasets), rows, cols), np.int32 if integral else np.float32)
+    for k, (ds, (slope, intercept)) in enumerate(zip(datasets, rescales, strict=True)):
+        pixels = np.asarray(ds.pixel_array)
+        if pixels.shape != (rows, cols):
+            raise ConversionError(f"pixel data shape {pixels.shape} does not match Rows/Columns")
+        values = pixels.astype(work_dtype) * work_dtype(slope) + work_dtype(intercept)
+        volume[k] = values
+    inverted = photometric == "MONOCHROME1"
+    if inverted:
+        if integral:
+            volume = (int(lo_possible) + int(hi_possible)) - volume
+        else:
+            volume = (np.float64(lo_possible + hi_possible) - volume).astype(np.float32)
+    if integral:
+        vmin, vmax = (int(volume.min()), int(volume.max())) if volume.size else (0, 0)
+        if np.iinfo(np.int16).min <= vmin and vmax <= np.iinfo(np.int16).max:
+            volume = volume.astype(np.int16)
+    notes = {
+        "inverted_monochrome1": inverted,
+        "rescale_applied": any(s != 1 or b != 0 for s, b in rescales),
+        "rescale_varies_between_slices": len(set(rescales)) > 1,
+    }
+    if inverted:
+        notes["monochrome1_inversion"] = f"value -> {lo_possible:g} + {hi_possible:g} - value"
+    return volume, notes
+
+
+def nifti_bytes(volume: np.ndarray, affine: np.ndarray, compression_level: int = 6) -> bytes:
+    """A gzipped NIfTI-1 file of `volume` (slices, rows, cols) with the given RAS affine.
+
+    qform and sform both hold the affine (code 1, scanner), units are mm, descrip is
+    "radflow <version>" and the other free-text fields are empty. The gzip header has no
+    name and mtime 0, so identical inputs give identical bytes.
+    """
+    data = np.asarray(volume).transpose(2, 1, 0)  # (k, row, col) -> (i=col, j=row, k)
+    image = nib.Nifti1Image(data, affine)
+    header = image.header
+    header.set_data_dtype(data.dtype)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    header.set_xyzt_units(xyz="mm")
+    header["descrip"] = f"radflow {radflow_version()}"[:79].encode()
+    header["intent_name"] = b""
+    header["aux_file"] = b""
+    header["db_name"] = b""
+    header.set_slope_inter(1.0, 0.0)
+    return gzip.compress(image.to_bytes(), compresslevel=compression_level, mtime=0)
+
+
+def _short_error(exc: BaseException, secrets: Sequence[str]) -> str:
+    """Type and first message line of an unexpected error, with paths removed."""
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    for text in sorted((s for s in secrets if s), key=len, reverse=True):
+        message = message.replace(text, "<file>")
+    return (f"{type(exc).__name__}: {message}" if message else type(exc).__name__)[:160]
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "\\".join(f"{v:.6g}" for v in values)
+
+
+def convert_unit(
+    series_pid: str,
+    modality: str,
+    paths: Sequence[str],
+    dicom_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    compression_level: int = 6,
+) -> dict[str, Any]:
+    """Convert one image unit; never raises for a bad unit.
+
+    Inputs: the unit's pseudonym and modality, its files (relative to `dicom_root`).
+    Outputs: `<out_dir>/<series_pid>.nii.gz` and `.json`, written atomically (stale ones
+    removed if the unit fails). Returns its manifest row (MANIFEST_COLUMNS).
+    """
+    out = Path(out_dir)
+    nifti_path = out / f"{series_pid}{C.NIFTI_SUFFIX}"
+    sidecar_path = out / f"{series_pid}{C.SIDECAR_SUFFIX}"
+    row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS, "")
+    row[C.SERIES_PID] = series_pid
+    try:
+        with quiet_pydicom():
+            datasets = [pydicom.dcmread(os.path.join(dicom_root, p)) for p in paths]
+            projection = modality in C.PROJECTION_MODALITIES
+            if projection and len(datasets) != 1:
+                raise ConversionError(f"projection unit with {len(datasets)} files (expected 1)")
+            _check_pixels(datasets)
+            geometry = projection_geometry(datasets[0]) if projection else volume_geometry(datasets)
+            ordered = [datasets[i] for i in geometry.order]
+            volume, notes = build_volume(ordered)
+        data = nifti_bytes(volume, geometry.affine, compression_level)
+        shape = (volume.shape[2], volume.shape[1], volume.shape[0])
+        ndim = 2 if volume.shape[0] == 1 else 3
+        sidecar = sidecar_fields(ordered[0])
+        sidecar.update(
+            {
+                "series_pid": series_pid,
+                "n_files": len(datasets),
+                "radflow_version": radflow_version(),
+                "ndim": ndim,
+                "shape": list(shape),
+                "spacing_mm": [round(v, 6) for v in geometry.spacing],
+                "dtype": str(volume.dtype),
+                **geometry.notes,
+                **notes,
+            }
+        )
+        write_bytes_atomic(nifti_path, data)
+        write_bytes_atomic(
+            sidecar_path, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode()
+        )
+        row.update(
+            {
+                C.STATUS: C.STATUS_OK,
+                "ndim": ndim,
+                "shape": _fmt(shape),
+                "spacing_mm": _fmt(geometry.spacing),
+                "dtype": str(volume.dtype),
+            }
+        )
+    except Exception as exc:  # one bad unit must not stop the shard
+        if isinstance(exc, ConversionError):
+            reason = str(exc)
+        else:
+            root = os.path.abspath(dicom_root)
+            reason = _short_error(
+                exc, [root, str(dicom_root), *paths, *map(os.path.basename, paths)]
+            )
+        row.update({C.STATUS: C.STATUS_FAILED, C.REASON: reason})
+        for stale in (nifti_path, sidecar_path):
+            stale.unlink(missing_ok=True)
+    return row
+
+
+def _convert_job(args: tuple) -> dict[str, Any]:
+    return convert_unit(*args)
+
+
+def convert_shard(
+    shard_files_tsv: str | os.PathLike,
+    dicom_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    threads: int = 1,
+    compression_level: int = 6,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Convert every unit listed in a private shard table (series_pid, modality, path).
+
+    Outputs in `out_dir`: `<series_pid>.nii.gz` + `<series_pid>.json` per converted unit,
+    and `manifest.tsv` with columns series_pid, status (ok/failed), reason, ndim (2 for a
+    single slice, else 3), shape (x\\y\\z voxels as stored in the NIfTI), spacing_mm
+    (x\\y\\z) and dtype, one row per unit sorted by series_pid. Units run in `threads`
+    processes; a failed unit is listed with its reason and the others still convert.
+    Outputs of units no longer in the table are not deleted: consumers go by the manifest.
+    Returns the manifest.
+    """
+    table = read_shard_files(shard_files_tsv)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for series_pid, group in table.groupby(C.SERIES_PID, sort=True):
+        paths = sorted(group[C.PATH])
+        jobs.append((series_pid, group[C.MODALITY].iloc[0], paths, str(dicom_root), str(out),
+                     compression_level))  # fmt: skip
+    from tqdm import tqdm
+
+    rows = []
+    with tqdm(total=len(jobs), desc="convert", unit="unit", file=sys.stderr,
+              disable=not progress) as bar:  # fmt: skip
+        if threads <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                rows.append(_convert_job(job))
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=threads) as pool:
+                futures = {pool.submit(_convert_job, job): job for job in jobs}
+                for future in as_completed(futures):
+                    try:
+                        rows.append(future.result())
+                    except Exception as exc:  # a worker died (e.g. killed for memory)
+                        row = dict.fromkeys(MANIFEST_COLUMNS, "")
+                        row.update({C.SERIES_PID: futures[future][0], C.STATUS: C.STATUS_FAILED,
+                                    C.REASON: f"worker process failed ({type(exc).__name__})"})  # fmt: skip
+                        rows.append(row)
+                    bar.update(1)
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest = manifest.sort_values(C.SERIES_PID, kind="stable").reset_index(drop=True)
+    write_tsv(manifest, out / C.MANIFEST)
+    return manifest

@@ -1,0 +1,885 @@
+"""Index a raw DICOM export: classify every file, group images into units, join labels.
+
+`build_index` reads headers only (never pixel data), in parallel, and returns an
+`IndexResult`: PHI-free tables for results/ (series, quarantine, annotations, summary) and
+private tables that hold file paths (quarantine paths, the file list of each shard).
+
+An *image unit* is what becomes one NIfTI image and one row of the series table: a whole
+series for cross-sectional modalities (CT, MR, PT...), a single SOP instance for projection
+modalities (`conventions.PROJECTION_MODALITIES`: DX, CR, MG...), whose series often hold
+several unrelated views.
+
+Privacy rules enforced here: results tables and log text carry only pseudonyms
+(`conventions.pseudonym`), counts and whitelisted acquisition values; file paths (folder
+names of real exports are often patient names) and identifier values (patient ids,
+accession numbers, UIDs) appear only in the private tables or nowhere. Error messages
+about the labels table name the file, column and line, never a value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from radflow import conventions as C
+from radflow.deid import quiet_pydicom
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+#: Modalities whose objects carry no image to learn from (reports, annotations,
+#: registrations, plans, waveforms, documents, raw data).
+NON_IMAGE_MODALITIES = frozenset(
+    {
+        "SR", "PR", "KO", "DOC", "REG", "FID", "RWV", "SEG", "RTSTRUCT", "RTPLAN", "RTRECORD",
+        "RTDOSE", "PLAN", "RAW", "AU", "ECG", "HD", "EPS", "RESP", "SMR", "M3D", "OSS",
+    }
+)  # fmt: skip
+
+#: Reasons used in the quarantine table (the variable parts are counts or DICOM keywords).
+REASON_NOT_DICOM = "not a DICOM file"
+REASON_EMPTY = "empty file"
+REASON_DICOMDIR = "DICOMDIR (directory record, not an image)"
+REASON_DUPLICATE = "duplicate instance"
+REASON_NO_LABEL = "no label in labels table"
+REASON_TRUNCATED_HEADER = "truncated file: it ends before the pixel data"
+#: Reasons that end in file-specific details "(...)"; the summary counts them by prefix.
+_DETAILED_REASONS = (
+    "truncated file: pixel data incomplete",
+    "pixel data too short for Rows x Columns",
+    "multi-frame instance",
+    "unreadable DICOM",
+)
+
+#: Header elements read by the index (plus the label and patient keys given by the user).
+_INDEX_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+    "PhotometricInterpretation",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "BodyPartExamined",
+    "ViewPosition",
+    "Manufacturer",
+)
+
+_SERIES_COLUMNS = [
+    C.SERIES_PID,
+    C.STUDY_PID,
+    C.PATIENT_PID,
+    C.LABEL,
+    C.SHARD,
+    C.MODALITY,
+    "n_files",
+    "rows",
+    "columns",
+    "photometric",
+    "pixel_spacing_mm",
+    "body_part",
+    "view_position",
+    "manufacturer",
+]
+_QUARANTINE_COLUMNS = [C.FILE_ID, C.SERIES_PID, C.REASON]
+_QUARANTINE_PATH_COLUMNS = [C.FILE_ID, C.SERIES_PID, C.PATH, C.REASON]
+_SHARD_COLUMNS = [C.SERIES_PID, C.MODALITY, C.PATH]
+_ANNOTATION_COLUMNS = [C.SERIES_PID, C.ROW_PX, C.COL_PX, C.DIAMETER_MM]
+
+
+# ------------------------------------------------------------------- file records
+@dataclass(slots=True)
+class FileRecord:
+    """What the index keeps of one file. Identifier fields stay in memory only."""
+
+    path: str  # relative to the DICOM root, POSIX separators
+    reason: str = ""  # empty for a usable image instance
+    sop_uid: str = ""
+    series_uid: str = ""
+    study_uid: str = ""
+    modality: str = ""
+    patient: str = ""  # value of the patient key (e.g. PatientID)
+    label_value: str = ""  # value of the label key (e.g. AccessionNumber)
+    rows: int = 0
+    columns: int = 0
+    photometric: str = ""
+    pixel_spacing: str = ""
+    body_part: str = ""
+    view_position: str = ""
+    manufacturer: str = ""
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return "\\".join(str(v).strip() for v in value)
+    return str(value).strip()
+
+
+def format_mm(value: float) -> str:
+    """A length in mm as text: 3 decimals ("0.150") unless more are needed ("0.1386")."""
+    text = f"{value:.3f}"
+    return text if abs(float(text) - value) < 1e-9 else f"{value:.6g}"
+
+
+def _spacing_text(ds: pydicom.Dataset) -> str:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is not None and not isinstance(value, str) and len(value) == 2:
+            try:
+                return "\\".join(format_mm(float(v)) for v in value)
+            except (TypeError, ValueError):
+                continue
+    return ""
+
+
+def _sop_class_name(uid: str) -> str:
+    name = UID(uid).name if uid else ""
+    # An unknown (private) class's "name" is the UID itself: never report a UID.
+    return "" if not name or name == uid else name
+
+
+def _is_non_image_class(uid: str) -> bool:
+    name = _sop_class_name(uid)
+    return bool(name) and "Image" not in name
+
+
+def _short_error(exc: BaseException, path: str) -> str:
+    """Exception type and first line of its message, without the file path, <= 120 chars."""
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    for text in (path, os.path.dirname(path), os.path.basename(path)):
+        if text:
+            message = message.replace(text, "<file>")
+    message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return message[:120]
+
+
+def _pixel_data_problem(
+    fh: Any, ds: pydicom.Dataset, file_size: int, position: int
+) -> tuple[bool, str]:
+    """(found, problem) for the element at `position`, where stop_before_pixels left off.
+
+    Checks that a Pixel Data element follows and that the file holds all its bytes (a copy
+    interrupted mid-file still has a complete header). Deflated files are not checked:
+    their file offset does not map onto the dataset.
+    """
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    ts = UID(str(ts)) if ts else UID("1.2.840.10008.1.2.1")
+    if not ts.is_transfer_syntax:  # private syntax: layout unknown, leave it to convert
+        return True, ""
+    if ts.is_deflated:
+        return True, ""
+    header = fh.read(12)
+    little = ts.is_little_endian
+    group = struct.unpack("<H" if little else ">H", header[:2])[0] if len(header) >= 2 else 0
+    if group != 0x7FE0:
+        return False, ""
+    endian = "<" if little else ">"
+    if ts.is_implicit_VR:
+        header_len, length = 8, struct.unpack(f"{endian}I", header[4:8])[0]
+    elif header[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"UN", b"OV"):
+        header_len, length = 12, struct.unpack(f"{endian}I", header[8:12])[0]
+    else:
+        header_len, length = 8, struct.unpack(f"{endian}H", header[6:8])[0]
+    if length == 0xFFFFFFFF:  # encapsulated (compressed): fragments are not walked here
+        return True, "" if file_size > position + header_len else REASON_TRUNCATED_HEADER
+    available = file_size - position - header_len
+    if available < length:
+        return True, f"truncated file: pixel data incomplete ({available} of {length} bytes)"
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        needed = (
+            int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames
+            * int(ds.BitsAllocated) // 8
+        )  # fmt: skip
+    except (AttributeError, TypeError, ValueError):
+        return True, ""
+    if not ts.is_compressed and length < needed:
+        return True, f"pixel data too short for Rows x Columns ({length} of {needed} bytes)"
+    return True, ""
+
+
+def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> FileRecord:
+    """Read one file's header (no pixels) and classify it.
+
+    Inputs: the DICOM root, the file's path relative to it, and the keywords of the patient
+    and label keys. Output: a `FileRecord` whose `reason` is empty for a usable image.
+    """
+    rec = FileRecord(path=rel)
+    path = os.path.join(root, rel)
+    tags = [*_INDEX_KEYWORDS, patient_key, label_key]
+    try:
+        file_size = os.path.getsize(path)
+        if file_size == 0:
+            rec.reason = REASON_EMPTY
+            return rec
+        with quiet_pydicom(), open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=tags)
+            position = fh.tell()
+            has_pixels, pixel_problem = _pixel_data_problem(fh, ds, file_size, position)
+            meta_class = (
+                str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+                if hasattr(ds, "file_meta")
+                else ""
+            )
+            sop_class = str(ds.get("SOPClassUID", "") or meta_class).strip()
+            modality = _text(ds, "Modality").upper()
+            if DICOMDIR_SOP_CLASS in (sop_class, meta_class):
+                rec.reason = REASON_DICOMDIR
+                return rec
+            if _is_non_image_class(sop_class) or modality in NON_IMAGE_MODALITIES:
+                what = modality or _sop_class_name(sop_class) or "unknown SOP class"
+                rec.reason = f"non-image object: {what}"
+                return rec
+            has_geometry = all(k in ds for k in ("Rows", "Columns", "BitsAllocated"))
+            if not has_pixels:
+                if has_geometry or "Image" in _sop_class_name(sop_class):
+                    rec.reason = REASON_TRUNCATED_HEADER
+                else:
+                    what = modality or _sop_class_name(sop_class) or "unknown SOP class"
+                    rec.reason = f"non-image object: {what}"
+                return rec
+            if not has_geometry:
+                rec.reason = "incomplete image header (no Rows, Columns or BitsAllocated)"
+                return rec
+            if pixel_problem:
+                rec.reason = pixel_problem
+                return rec
+            for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+                if not _text(ds, keyword):
+                    rec.reason = f"missing {keyword}"
+                    return rec
+            frames = int(ds.get("NumberOfFrames") or 1)
+            if frames > 1:
+                rec.reason = f"multi-frame instance ({frames} frames) is not supported yet"
+                return rec
+            rec.sop_uid = _text(ds, "SOPInstanceUID")
+            rec.series_uid = _text(ds, "SeriesInstanceUID")
+            rec.study_uid = _text(ds, "StudyInstanceUID")
+            rec.modality = modality or "OT"
+            rec.patient = _text(ds, patient_key)
+            rec.label_value = _text(ds, label_key)
+            rec.rows, rec.columns = int(ds.Rows), int(ds.Columns)
+            rec.photometric = _text(ds, "PhotometricInterpretation")
+            rec.pixel_spacing = _spacing_text(ds)
+            rec.body_part = _text(ds, "BodyPartExamined")
+            rec.view_position = _text(ds, "ViewPosition")
+            rec.manufacturer = _text(ds, "Manufacturer")
+    except InvalidDicomError:
+        rec.reason = REASON_NOT_DICOM
+    except Exception as exc:  # any parse failure of a damaged file: quarantine, go on
+        rec.reason = f"unreadable DICOM ({_short_error(exc, path)})"
+    return rec
+
+
+def _read_chunk(args: tuple[str, list[str], str, str]) -> list[FileRecord]:
+    root, rels, patient_key, label_key = args
+    return [read_file_record(root, rel, patient_key, label_key) for rel in rels]
+
+
+def list_files(dicom_root: str | os.PathLike) -> list[str]:
+    """Every non-hidden file under `dicom_root`, as sorted POSIX paths relative to it.
+
+    Hidden files and folders (name starting with ".") are skipped. Symbolic links to
+    folders are followed once (a link loop is not descended twice).
+    """
+    root = os.path.abspath(dicom_root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"DICOM root {dicom_root} is not a folder")
+    out: list[str] = []
+    seen: set[str] = set()
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_folder = os.path.relpath(folder, root)
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            rel = name if rel_folder == "." else os.path.join(rel_folder, name)
+            if os.path.isfile(os.path.join(root, rel)):
+                out.append(Path(rel).as_posix())
+    return sorted(out)
+
+
+def scan_files(
+    dicom_root: str | os.PathLike,
+    rels: Sequence[str],
+    *,
+    patient_key: str,
+    label_key: str,
+    threads: int = 1,
+    progress: bool = True,
+) -> list[FileRecord]:
+    """`read_file_record` over `rels`, in `threads` processes; records in `rels` order."""
+    root = os.path.abspath(dicom_root)
+    n = len(rels)
+    chunk = max(1, min(256, math.ceil(n / max(1, threads * 8))))
+    chunks = [list(rels[i : i + chunk]) for i in range(0, n, chunk)]
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc="index", unit="file", file=sys.stderr, disable=not progress)
+    results: list[list[FileRecord]] = [[] for _ in chunks]
+    try:
+        if threads <= 1 or len(chunks) <= 1:
+            for i, part in enumerate(chunks):
+                results[i] = _read_chunk((root, part, patient_key, label_key))
+                bar.update(len(part))
+        else:
+            with ProcessPoolExecutor(max_workers=threads) as pool:
+                futures = {
+                    pool.submit(_read_chunk, (root, part, patient_key, label_key)): i
+                    for i, part in enumerate(chunks)
+                }
+                for future in as_completed(futures):
+                    i = futures[future]
+                    results[i] = future.result()
+                    bar.update(len(chunks[i]))
+    finally:
+        bar.close()
+    return [rec for part in results for rec in part]
+
+
+# ------------------------------------------------------------------- tables in
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """A CSV/TSV table with every cell as a stripped string ("" when empty).
+
+    The separator is the one among tab, comma and semicolon that occurs most in the header
+    line (ties: tab for .tsv/.tab/.txt, comma otherwise), so Excel's semicolon CSVs work.
+    Strings, never numbers: accession numbers keep their leading zeros.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        header = fh.readline()
+    default = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
+    counts = {sep: header.count(sep) for sep in ("\t", ",", ";")}
+    best = max(counts.values())
+    sep = default if best == 0 or counts[default] == best else max(counts, key=counts.get)
+    table = pd.read_csv(
+        path,
+        sep=sep,
+        dtype=str,
+        keep_default_na=False,
+        na_filter=False,
+        encoding="utf-8-sig",
+    )
+    table.columns = [str(c).strip() for c in table.columns]
+    return table.apply(lambda col: col.str.strip()) if len(table) else table
+
+
+def _require_columns(table: pd.DataFrame, path: str | os.PathLike, columns: Iterable[str]) -> None:
+    for column in columns:
+        if column not in table.columns:
+            present = ", ".join(repr(c) for c in table.columns)
+            raise ValueError(
+                f"{path}: no column {column!r} (columns present: {present}); "
+                "check the label_key / label_column settings"
+            )
+
+
+def _line(row_index: int) -> int:
+    """File line of a 0-based data row (line 1 is the header)."""
+    return row_index + 2
+
+
+def read_labels(
+    labels_table: str | os.PathLike,
+    *,
+    label_key: str,
+    label_column: str,
+    positive_value: str,
+) -> dict[str, int]:
+    """{key value: 0/1} from the labels table.
+
+    The `positive_value` (compared as stripped strings) maps to 1, every other non-empty
+    value to 0. Raises ValueError, naming file, column and line but never a key value, on a
+    missing column, no rows, an empty key or label, conflicting duplicate keys, or no
+    positive row.
+    """
+    table = read_table(labels_table)
+    _require_columns(table, labels_table, [label_key, label_column])
+    if table.empty:
+        raise ValueError(f"{labels_table}: the labels table has no rows")
+    positive = str(positive_value).strip()
+    labels: dict[str, int] = {}
+    first_line: dict[str, int] = {}
+    for i, (key_value, raw) in enumerate(zip(table[label_key], table[label_column], strict=True)):
+        if not key_value:
+            raise ValueError(f"{labels_table}: empty {label_key!r} at line {_line(i)}")
+        if not raw:
+            raise ValueError(f"{labels_table}: empty {label_column!r} at line {_line(i)}")
+        value = 1 if raw == positive else 0
+        if key_value in labels and labels[key_value] != value:
+            raise ValueError(
+                f"{labels_table}: lines {first_line[key_value]} and {_line(i)} give conflicting "
+                f"{label_column!r} values for the same {label_key!r}"
+            )
+        labels[key_value] = value
+        first_line.setdefault(key_value, _line(i))
+    if labels and not any(labels.values()):
+        raise ValueError(
+            f"{labels_table}: no row of column {label_column!r} equals the positive value "
+            f"{positive!r}; check the positive_value setting"
+        )
+    return labels
+
+
+@dataclass(frozen=True)
+class Annotation:
+    key: str
+    row_px: float
+    col_px: float
+    diameter_mm: float
+    line: int
+
+
+def read_annotations(annotations_table: str | os.PathLike, *, label_key: str) -> list[Annotation]:
+    """Lesion points keyed like the labels table: columns `label_key`, row_px, col_px
+    (0-based pixel indices in the stored DICOM image, may be fractional) and diameter_mm.
+    Raises ValueError naming file, column and line on a missing or invalid cell."""
+    table = read_table(annotations_table)
+    columns = [label_key, C.ROW_PX, C.COL_PX, C.DIAMETER_MM]
+    _require_columns(table, annotations_table, columns)
+    out = []
+    for i, row in enumerate(table[columns].itertuples(index=False, name=None)):
+        if not row[0]:
+            raise ValueError(f"{annotations_table}: empty {label_key!r} at line {_line(i)}")
+        numbers = []
+        for column, text in zip(columns[1:], row[1:], strict=True):
+            try:
+                x = float(text)
+            except ValueError:
+                x = math.nan
+            if not math.isfinite(x) or x < 0 or (column == C.DIAMETER_MM and x == 0):
+                raise ValueError(
+                    f"{annotations_table}: {column!r} at line {_line(i)} is not a "
+                    + ("positive" if column == C.DIAMETER_MM else "non-negative")
+                    + " number"
+                )
+            numbers.append(x)
+        out.append(Annotation(row[0], *numbers, line=_line(i)))
+    return out
+
+
+# --------------------------------------------------------------------- result
+@dataclass
+class IndexResult:
+    """Tables produced by `build_index` (all pandas DataFrames of strings/ints).
+
+    - series (results): one row per labelled unit, columns `_SERIES_COLUMNS`.
+    - quarantine (results): file_id, series_pid, reason; one row per left-out file and one
+      per excluded unit (file_id empty).
+    - quarantine_paths (PRIVATE): file_id, series_pid, path, reason; one row per left-out
+      file, including every file of an excluded unit.
+    - shard_files (PRIVATE): {shard: table series_pid, modality, path}, every shard present.
+    - annotations (results): series_pid, row_px, col_px, diameter_mm.
+    - summary: counts for the log (JSON-serialisable, PHI-free).
+    """
+
+    series: pd.DataFrame
+    quarantine: pd.DataFrame
+    quarantine_paths: pd.DataFrame
+    shard_files: dict[int, pd.DataFrame]
+    annotations: pd.DataFrame
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, results_dir: str | os.PathLike, private_dir: str | os.PathLike) -> list[Path]:
+        """Write every table atomically; returns the paths written.
+
+        results_dir: series.tsv, quarantine.tsv, annotations.tsv, summary.json.
+        private_dir: quarantine_paths.tsv and index/<shard_name(k)>.tsv for every shard.
+        A file whose content is unchanged is left untouched (same bytes, same mtime).
+        """
+        results, private = Path(results_dir), Path(private_dir)
+        written = [
+            write_tsv(self.series, results / C.SERIES_TABLE),
+            write_tsv(self.quarantine, results / C.QUARANTINE_TABLE),
+            write_tsv(self.annotations, results / C.ANNOTATIONS_TABLE),
+            write_bytes_atomic(
+                results / C.INDEX_SUMMARY,
+                (json.dumps(self.summary, indent=2, sort_keys=True) + "\n").encode(),
+            ),
+            write_tsv(self.quarantine_paths, private / C.QUARANTINE_PATHS),
+        ]
+        for shard in sorted(self.shard_files):
+            path = private / C.SHARD_INDEX_DIR / f"{C.shard_name(shard)}.tsv"
+            written.append(write_tsv(self.shard_files[shard], path))
+        return written
+
+    def summary_text(self) -> str:
+        """A few PHI-free log lines: counts only."""
+        s = self.summary
+        lines = [
+            f"index: {s['n_files']} files, {s['n_image_files']} image instances, "
+            f"{s['n_units_found']} image units found",
+            f"index: {s['n_units']} labelled units kept ({s['n_positive']} positive, "
+            f"{s['n_negative']} negative) from {s['n_patients']} patients and "
+            f"{s['n_studies']} studies, in {s['n_shards']} shards",
+        ]
+        for reason, count in sorted(s["files_quarantined"].items()):
+            lines.append(f"index: {count} files left out: {reason}")
+        for reason, count in sorted(s["units_excluded"].items()):
+            lines.append(f"index: {count} units excluded: {reason}")
+        lines.append(
+            f"index: {s['n_label_keys_unmatched']} of {s['n_label_keys']} label keys "
+            "match no image unit"
+        )
+        if s["n_label_keys_with_several_patients"]:
+            lines.append(
+                f"index: WARNING {s['n_label_keys_with_several_patients']} label keys occur "
+                f"with more than one {s['patient_key']}: check for merged patient records"
+            )
+        if s.get("annotations"):
+            a = s["annotations"]
+            lines.append(
+                f"index: {a['rows_written']} annotation rows from {a['n_annotations']} "
+                f"annotations ({a['unmatched']} match no image unit, {a['no_kept_2d_unit']} "
+                f"match no kept 2D unit, {a['outside_image']} outside the image)"
+            )
+        return "\n".join(lines)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` via a temporary file in the same folder and os.replace, so a
+    killed job never leaves a partial file; an identical existing file is left untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.read_bytes() == data:
+            return path
+    except (FileNotFoundError, IsADirectoryError):
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def tsv_bytes(table: pd.DataFrame) -> bytes:
+    """Deterministic TSV encoding (LF line ends, UTF-8; undecodable file-name bytes kept)."""
+    text = table.to_csv(sep="\t", index=False, lineterminator="\n")
+    return text.encode("utf-8", "surrogateescape")
+
+
+def write_tsv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    return write_bytes_atomic(Path(path), tsv_bytes(table))
+
+
+def read_shard_files(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a private shard table written by `IndexResult.write` (all strings)."""
+    return pd.read_csv(
+        path,
+        sep="\t",
+        dtype=str,
+        keep_default_na=False,
+        na_filter=False,
+        encoding="utf-8",
+        encoding_errors="surrogateescape",
+    )
+
+
+# ------------------------------------------------------------------ the index
+class _Pseudonyms:
+    """conventions.pseudonym with a collision check per kind."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+        self.seen: dict[str, dict[str, str]] = defaultdict(dict)
+
+    def __call__(self, kind: str, identifier: str) -> str:
+        # undecodable bytes in file names must not break hashing
+        identifier = identifier.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        pid = C.pseudonym(self.key, kind, identifier)
+        known = self.seen[kind].setdefault(pid, identifier)
+        if known != identifier:
+            raise RuntimeError(
+                f"pseudonym collision: two distinct {kind!r} identifiers map to {pid}; "
+                "raise conventions.PSEUDONYM_HEX_CHARS"
+            )
+        return pid
+
+
+def _check_keyword(keyword: str, what: str) -> None:
+    if tag_for_keyword(keyword) is None:
+        raise ValueError(f"{what} {keyword!r} is not a DICOM keyword (e.g. 'AccessionNumber')")
+
+
+def build_index(
+    dicom_root: str | os.PathLike,
+    labels_table: str | os.PathLike,
+    *,
+    label_key: str = "AccessionNumber",
+    label_column: str = "label",
+    positive_value: str = "1",
+    patient_key: str = "PatientID",
+    annotations_table: str | os.PathLike | None = None,
+    key: bytes,
+    n_shards: int,
+    threads: int = 1,
+    progress: bool = True,
+) -> IndexResult:
+    """Index the DICOM files under `dicom_root` and join the labels.
+
+    Inputs:
+      dicom_root: folder tree of DICOM files (any names, any nesting; hidden files skipped).
+      labels_table: CSV/TSV with columns `label_key` (a DICOM keyword whose header value
+        identifies the labelled entity, e.g. AccessionNumber) and `label_column`.
+      positive_value: label text that means 1; any other non-empty text means 0.
+      patient_key: DICOM keyword identifying the patient (for patient-level splits).
+      annotations_table: optional CSV/TSV keyed by `label_key` with row_px, col_px
+        (0-based pixels of the stored image) and diameter_mm. An annotation whose key
+        matches several 2D units (e.g. all views of one study) is attached to each of them;
+        annotations matching only 3D units, or outside the image, are counted, not kept.
+      key: pseudonymisation key (conventions.load_or_create_key).
+      n_shards: number of shards; each unit goes to shard_of(series_pid, n_shards).
+      threads: worker processes for header reading.
+    Output: an `IndexResult` (call `.write(results_dir, private_dir)`).
+    Raises ValueError on a malformed labels/annotations table, RuntimeError on a
+    pseudonym collision.
+    """
+    _check_keyword(label_key, "label_key")
+    _check_keyword(patient_key, "patient_key")
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    labels = read_labels(
+        labels_table, label_key=label_key, label_column=label_column, positive_value=positive_value
+    )
+    annotations = (
+        read_annotations(annotations_table, label_key=label_key) if annotations_table else []
+    )
+    rels = list_files(dicom_root)
+    records = scan_files(
+        dicom_root,
+        rels,
+        patient_key=patient_key,
+        label_key=label_key,
+        threads=threads,
+        progress=progress,
+    )
+    pseudo = _Pseudonyms(key)
+    file_id = {rec.path: pseudo("file", rec.path) for rec in records}
+
+    # Rows (file_id, series_pid, path, reason). Files of excluded units go only to the
+    # private table; results list such a unit once, with an empty file_id.
+    quarantine: list[tuple[str, str, str, str]] = []
+    unit_quarantine: list[tuple[str, str, str, str]] = []
+    unit_file_quarantine: list[tuple[str, str, str, str]] = []
+    for rec in records:
+        if rec.reason:
+            quarantine.append((file_id[rec.path], "", rec.path, rec.reason))
+
+    # Duplicates: keep the copy with the first path (records are in sorted path order).
+    kept: dict[str, FileRecord] = {}
+    duplicates: list[FileRecord] = []
+    for rec in records:
+        if rec.reason:
+            continue
+        if rec.sop_uid in kept:
+            duplicates.append(rec)
+        else:
+            kept[rec.sop_uid] = rec
+
+    by_series: dict[str, list[FileRecord]] = defaultdict(list)
+    for rec in kept.values():
+        by_series[rec.series_uid].append(rec)
+
+    # Image units: (unit identifier, files). Projection series split into instances.
+    units: list[tuple[str, list[FileRecord]]] = []
+    series_problem: dict[str, str] = {}
+    for series_uid, files in by_series.items():
+        modalities = {f.modality for f in files}
+        if len(modalities) > 1:
+            series_problem[series_uid] = "Modality differs between files of the series"
+            units.append((series_uid, files))
+        elif modalities.pop() in C.PROJECTION_MODALITIES and len(files) > 1:
+            units.extend((f"{series_uid}/{f.sop_uid}", [f]) for f in files)
+        else:
+            units.append((series_uid, files))
+
+    unit_of_sop: dict[str, str] = {}
+    series_rows: list[dict[str, Any]] = []
+    shard_rows: dict[int, list[tuple[str, str, str]]] = {k: [] for k in range(n_shards)}
+    excluded: Counter[str] = Counter()
+    label_keys_used: set[str] = set()
+    units_of_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    # One labelled key seen with several patients (merged records?) can leak across splits.
+    patients_of_key: dict[str, set[str]] = defaultdict(set)
+    for unit_id, files in units:
+        files.sort(key=lambda f: f.path)
+        series_pid = pseudo("ser", unit_id)
+        for f in files:
+            unit_of_sop[f.sop_uid] = series_pid
+        reason = series_problem.get(files[0].series_uid, "")
+        if not reason:
+            reason = _unit_problem(files, label_key, patient_key)
+        label_value = files[0].label_value
+        if not reason and label_value not in labels:
+            reason = REASON_NO_LABEL
+        if reason:
+            excluded[reason] += 1
+            unit_quarantine.append(("", series_pid, "", reason))
+            unit_file_quarantine.extend(
+                (file_id[f.path], series_pid, f.path, reason) for f in files
+            )
+            continue
+        label_keys_used.add(label_value)
+        first = files[0]
+        shard = C.shard_of(series_pid, n_shards)
+        row = {
+            C.SERIES_PID: series_pid,
+            C.STUDY_PID: pseudo("stu", first.study_uid),
+            C.PATIENT_PID: pseudo("pat", first.patient),
+            C.LABEL: labels[label_value],
+            C.SHARD: shard,
+            C.MODALITY: first.modality,
+            "n_files": len(files),
+            "rows": first.rows,
+            "columns": first.columns,
+            "photometric": first.photometric,
+            "pixel_spacing_mm": first.pixel_spacing,
+            "body_part": first.body_part,
+            "view_position": first.view_position,
+            "manufacturer": first.manufacturer,
+        }
+        series_rows.append(row)
+        shard_rows[shard].extend((series_pid, first.modality, f.path) for f in files)
+        if first.modality in C.PROJECTION_MODALITIES:
+            units_of_key[label_value].append(row)
+        patients_of_key[label_value].add(row[C.PATIENT_PID])
+
+    for rec in duplicates:
+        quarantine.append(
+            (file_id[rec.path], unit_of_sop.get(rec.sop_uid, ""), rec.path, REASON_DUPLICATE)
+        )
+
+    # Keys of units that were found at all, for the "label matches no unit" count.
+    found_keys = {files[0].label_value for _, files in units}
+    annotation_rows, annotation_counts = _join_annotations(
+        annotations, units_of_key, {f.label_value for _, fs in units for f in fs}
+    )
+
+    series = pd.DataFrame(series_rows, columns=_SERIES_COLUMNS)
+    series = series.sort_values(C.SERIES_PID, kind="stable").reset_index(drop=True)
+    columns = [C.FILE_ID, C.SERIES_PID, C.PATH, C.REASON]
+    order = [C.SERIES_PID, C.FILE_ID, C.REASON]
+    q_private = pd.DataFrame(quarantine + unit_file_quarantine, columns=columns)
+    quarantine_paths = q_private.sort_values(order, kind="stable")[_QUARANTINE_PATH_COLUMNS]
+    quarantine_paths = quarantine_paths.reset_index(drop=True)
+    q_results = pd.DataFrame(quarantine + unit_quarantine, columns=columns)
+    quarantine_table = q_results.sort_values(order, kind="stable")[_QUARANTINE_COLUMNS]
+    quarantine_table = quarantine_table.reset_index(drop=True)
+    shard_files = {
+        k: pd.DataFrame(sorted(rows), columns=_SHARD_COLUMNS) for k, rows in shard_rows.items()
+    }
+    annotation_table = pd.DataFrame(annotation_rows, columns=_ANNOTATION_COLUMNS)
+    annotation_table = annotation_table.sort_values(_ANNOTATION_COLUMNS, kind="stable")
+    annotation_table = annotation_table.reset_index(drop=True)
+
+    file_reasons = Counter(reason_category(rec.reason) for rec in records if rec.reason)
+    if duplicates:
+        file_reasons[REASON_DUPLICATE] = len(duplicates)
+    summary: dict[str, Any] = {
+        "n_files": len(records),
+        "n_image_files": sum(1 for rec in records if not rec.reason),
+        "files_quarantined": dict(sorted(file_reasons.items())),
+        "n_units_found": len(units),
+        "units_excluded": dict(sorted(excluded.items())),
+        "n_units": len(series),
+        "n_patients": int(series[C.PATIENT_PID].nunique()),
+        "n_studies": int(series[C.STUDY_PID].nunique()),
+        "n_positive": int((series[C.LABEL] == 1).sum()),
+        "n_negative": int((series[C.LABEL] == 0).sum()),
+        "units_by_modality": {
+            str(k): int(v) for k, v in series[C.MODALITY].value_counts().sort_index().items()
+        },
+        "n_label_keys": len(labels),
+        "n_label_keys_unmatched": len(set(labels) - found_keys),
+        "n_label_keys_used": len(label_keys_used),
+        "n_label_keys_with_several_patients": sum(len(p) > 1 for p in patients_of_key.values()),
+        "n_shards": n_shards,
+        "units_per_shard": [len({r[0] for r in shard_rows[k]}) for k in range(n_shards)],
+        "label_key": label_key,
+        "patient_key": patient_key,
+        "positive_value": str(positive_value).strip(),
+    }
+    if annotations_table:
+        summary["annotations"] = annotation_counts
+    return IndexResult(
+        series=series,
+        quarantine=quarantine_table,
+        quarantine_paths=quarantine_paths,
+        shard_files=shard_files,
+        annotations=annotation_table,
+        summary=summary,
+    )
+
+
+def reason_category(reason: str) -> str:
+    """`reason` without its file-specific details, for counting."""
+    return next((p for p in _DETAILED_REASONS if reason.startswith(p)), reason)
+
+
+def _unit_problem(files: Sequence[FileRecord], label_key: str, patient_key: str) -> str:
+    """Why a unit cannot be used ("" if it can): identifiers missing or not constant."""
+    patients = {f.patient for f in files}
+    if "" in patients:
+        return f"missing {patient_key} (a patient-level split cannot be guaranteed)"
+    if len(patients) > 1:
+        return f"{patient_key} differs between files of the unit"
+    if len({f.study_uid for f in files}) > 1:
+        return "StudyInstanceUID differs between files of the unit"
+    label_values = {f.label_value for f in files}
+    if len(label_values) > 1:
+        return f"{label_key} differs between files of the unit"
+    if "" in label_values:
+        return f"no {label_key} in the DICOM header"
+    return ""
+
+
+def _join_annotations(
+    annotations: Sequence[Annotation],
+    units_of_key: dict[str, list[dict[str, Any]]],
+    all_keys: set[str],
+) -> tuple[list[tuple[str, float, float, float]], dict[str, int]]:
+    rows = []
+    counts = Counter(n_annotations=len(annotations), rows_written=0, unmatched=0,
+                     no_kept_2d_unit=0, outside_image=0)  # fmt: skip
+    for ann in annotations:
+        targets = units_of_key.get(ann.key, [])
+        if not targets:
+            counts["no_kept_2d_unit" if ann.key in all_keys else "unmatched"] += 1
+            continue
+        for unit in targets:
+            if ann.row_px > unit["rows"] - 1 or ann.col_px > unit["columns"] - 1:
+                counts["outside_image"] += 1
+                continue
+            rows.append((unit[C.SERIES_PID], ann.row_px, ann.col_px, ann.diameter_mm))
+            counts["rows_written"] += 1
+    return rows, dict(counts)

@@ -1,0 +1,343 @@
+"""radflow.dicom.convert and radflow.dicom.nifti: geometry (against dcm2niix), intensities,
+failures, determinism and privacy of the NIfTI + sidecar outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from dicom_factory import (
+    assert_phi_free,
+    asymmetric_pattern,
+    build_export,
+    truncate,
+    write_labels,
+    write_projection,
+    write_volume,
+)
+
+from radflow import conventions as C
+from radflow.dicom.convert import MANIFEST_COLUMNS, convert_shard
+from radflow.dicom.index import build_index, list_files
+from radflow.dicom.nifti import read_image
+
+KEY = b"radflow-test-key-0123456789abcdef"
+
+
+def _rotation(deg_x: float, deg_z: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    ax, az = np.deg2rad(deg_x), np.deg2rad(deg_z)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    rot = rz @ rx
+    return tuple(rot[:, 0]), tuple(rot[:, 1])
+
+
+@pytest.fixture(scope="module")
+def units(tmp_path_factory):
+    """Units written straight to a shard table (no index), converted with 2 processes."""
+    base = tmp_path_factory.mktemp("convert")
+    root = base / "dicom"
+    ids = dict(patient_id="ZQXPAT1", accession="ZQXACC1")
+    files: dict[str, list[Path]] = {}
+    modality: dict[str, str] = {}
+
+    def at(name):  # file names that are not substrings of the pseudonyms below
+        return root / f"Zqx{name}"
+
+    def add(name, mod, paths):
+        files[name] = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+        modality[name] = mod
+
+    add("dx_m2", "DX", write_projection(at("Doe") / "IM1", **ids,
+                                        imager_pixel_spacing=(0.15, 0.1)))  # fmt: skip
+    wide = asymmetric_pattern(20, 12, maximum=60000)
+    add("dx_iop", "DX", write_projection(
+        at("dx_iop"), **ids, pixels=wide, bits_stored=16, pixel_spacing=(0.2, 0.1),
+        imager_pixel_spacing=(0.25, 0.125), orientation=(1, 0, 0, 0, 0, -1),
+        position=(10, 20, 30),
+    ))  # fmt: skip
+    add("cr_m1", "CR", write_projection(at("cr_m1"), **ids, modality="CR",
+                                        photometric="MONOCHROME1", slope=2, intercept=-100))  # fmt: skip
+    add("ct_axial", "CT", write_volume(at("ct_axial"), **ids, n_slices=6, rows=12, cols=10,
+                                       pixel_spacing=(0.8, 0.6), slice_gap=2.5))  # fmt: skip
+    r, c = _rotation(20, 15)
+    add("ct_oblique", "CT", write_volume(
+        [at("ob1"), at("ob2") / "deep"], **ids, n_slices=5, rows=9, cols=11,
+        pixel_spacing=(0.7, 0.9), slice_gap=3.0, row_cosines=r, col_cosines=c, slope=0.5,
+        intercept=-1024.5, origin=(12.5, -7.25, 40.0),
+    ))  # fmt: skip
+    add("mr_sagittal", "MR", write_volume(
+        at("mr"), **ids, modality="MR", n_slices=4, rows=8, cols=6, pixel_spacing=(1.1, 1.1),
+        slice_gap=4.0, row_cosines=(0, 1, 0), col_cosines=(0, 0, -1), intercept=0,
+    ))  # fmt: skip
+    add("ct_scrambled", "CT", write_volume(at("ct_scrambled"), **ids, n_slices=5,
+                                           instance_numbers=[3, 5, 1, 4, 2]))  # fmt: skip
+    add("ct_uneven", "CT", write_volume(at("ct_uneven"), **ids, n_slices=4,
+                                        slice_positions=[0, 2.5, 5, 10]))  # fmt: skip
+    add("colour", "DX", write_projection(at("colour"), **ids,
+                                         extra={"PhotometricInterpretation": "PALETTE COLOR"}))  # fmt: skip
+    add("corrupt", "DX", truncate(write_projection(at("corrupt"), **ids, rows=40, cols=40)))
+    table = pd.DataFrame(
+        [(f"ser-{name}", modality[name], p.relative_to(root).as_posix())
+         for name in files for p in files[name]],
+        columns=[C.SERIES_PID, C.MODALITY, C.PATH],
+    )  # fmt: skip
+    shard_tsv = base / "shard-000.tsv"
+    table.sort_values([C.SERIES_PID, C.PATH]).to_csv(shard_tsv, sep="\t", index=False)
+    out = base / "results" / "nifti"
+    manifest = convert_shard(shard_tsv, root, out, threads=2, progress=False)
+    return dict(root=root, files=files, out=out, manifest=manifest, shard_tsv=shard_tsv, base=base)
+
+
+def nii(units, name) -> nib.Nifti1Image:
+    return nib.load(units["out"] / f"ser-{name}{C.NIFTI_SUFFIX}")
+
+
+def sidecar(units, name) -> dict:
+    return json.loads((units["out"] / f"ser-{name}{C.SIDECAR_SUFFIX}").read_text())
+
+
+def rescaled(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    return ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+
+
+# ------------------------------------------------------------------- manifest
+def test_manifest(units):
+    m = units["manifest"]
+    assert list(m.columns) == MANIFEST_COLUMNS
+    assert list(m[C.SERIES_PID]) == sorted(m[C.SERIES_PID])
+    status = dict(zip(m[C.SERIES_PID], m[C.STATUS], strict=True))
+    failed = {"ser-ct_uneven", "ser-colour", "ser-corrupt"}
+    assert {k for k, v in status.items() if v == C.STATUS_FAILED} == failed
+    reason = dict(zip(m[C.SERIES_PID], m[C.REASON], strict=True))
+    assert reason["ser-ct_uneven"].startswith("uneven slice spacing: steps of 2.5, 5 mm")
+    assert reason["ser-colour"] == (
+        "colour image (PhotometricInterpretation PALETTE COLOR) in a grayscale study"
+    )
+    assert reason["ser-corrupt"]  # pydicom's complaint about the short pixel data
+    assert "Zqx" not in reason["ser-corrupt"] and str(units["root"]) not in reason["ser-corrupt"]
+    for pid in failed:
+        assert not (units["out"] / f"{pid}{C.NIFTI_SUFFIX}").exists()
+    row = m.set_index(C.SERIES_PID).loc["ser-ct_axial"]
+    assert (row["ndim"], row["shape"], row["spacing_mm"], row["dtype"]) == (
+        3, "10\\12\\6", "0.6\\0.8\\2.5", "int16",
+    )  # fmt: skip
+    row = m.set_index(C.SERIES_PID).loc["ser-dx_m2"]
+    assert (row["ndim"], row["shape"], row["spacing_mm"]) == (2, "16\\24\\1", "0.1\\0.15\\1")
+    on_disk = pd.read_csv(units["out"] / C.MANIFEST, sep="\t", dtype=str, keep_default_na=False)
+    assert list(on_disk.columns) == MANIFEST_COLUMNS and len(on_disk) == len(m)
+
+
+def test_header_fields(units):
+    img = nii(units, "ct_oblique")
+    h = img.header
+    assert h["descrip"].item().startswith(b"radflow ")
+    assert h["intent_name"].item() == b"" and h["aux_file"].item() == b""
+    assert h["db_name"].item() == b""
+    assert int(h["qform_code"]) == 1 and int(h["sform_code"]) == 1
+    assert h.get_xyzt_units()[0] == "mm"
+    np.testing.assert_allclose(h.get_qform(), h.get_sform(), atol=1e-4)
+
+
+# ------------------------------------------------------------------- geometry
+@pytest.mark.parametrize("name", ["ct_axial", "ct_oblique", "mr_sagittal", "ct_scrambled"])
+def test_geometry_from_dicom_definition(units, name):
+    """Each file's pixels sit at slice k with voxel (i, j, k) at the RAS position that the
+    DICOM definition gives: IPP + i * col spacing * row cosine + j * row spacing * col cosine."""
+    img = nii(units, name)
+    data = img.get_fdata()
+    found = set()
+    for path in units["files"][name]:
+        ds = pydicom.dcmread(path)
+        pixels = rescaled(path)
+        matches = [k for k in range(data.shape[2]) if np.allclose(data[:, :, k].T, pixels)]
+        assert len(matches) == 1
+        k = matches[0]
+        found.add(k)
+        iop = np.array(ds.ImageOrientationPatient, float)
+        ipp = np.array(ds.ImagePositionPatient, float)
+        drow, dcol = (float(v) for v in ds.PixelSpacing)
+        for i, j in [(0, 0), (data.shape[0] - 1, 0), (0, data.shape[1] - 1), (3, 2)]:
+            lps = ipp + i * dcol * iop[:3] + j * drow * iop[3:]
+            expected = lps * [-1, -1, 1]
+            np.testing.assert_allclose(img.affine @ [i, j, k, 1], [*expected, 1], atol=1e-3)
+    assert found == set(range(data.shape[2]))
+
+
+def test_slices_sorted_by_position_not_instance_number(units):
+    volume, spacing = read_image(units["out"] / f"ser-ct_scrambled{C.NIFTI_SUFFIX}")
+    # write_volume stores 1000 + 100 * (position index) + ...: ascending along the normal
+    assert np.all(np.diff(volume[:, 5, 5]) == 100)
+    assert spacing == (2.5, 0.8, 0.6)
+
+
+def _dcm2niix() -> str | None:
+    candidate = Path(sys.executable).parent / "dcm2niix"
+    return str(candidate) if candidate.exists() else shutil.which("dcm2niix")
+
+
+def _run_dcm2niix(files: list[Path], tmp_path: Path) -> nib.Nifti1Image:
+    binary = _dcm2niix()
+    if binary is None:
+        pytest.skip("dcm2niix binary not installed (pip install dcm2niix)")
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    for n, path in enumerate(files):
+        shutil.copy(path, src / f"{n:04d}.dcm")
+    subprocess.run([binary, "-z", "y", "-f", "%s", "-o", str(out), str(src)], check=True,
+                   capture_output=True)  # fmt: skip
+    produced = sorted(out.glob("*.nii.gz"))
+    assert len(produced) == 1, produced
+    return nib.load(produced[0])
+
+
+def _corners(shape) -> np.ndarray:
+    return np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                     for k in (0, shape[2] - 1)], float).T  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["dx_iop", "ct_axial", "ct_oblique", "mr_sagittal"])
+def test_matches_dcm2niix(units, name, tmp_path):
+    ours = nib.as_closest_canonical(nii(units, name))
+    ref = nib.as_closest_canonical(_run_dcm2niix(units["files"][name], tmp_path))
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours.header.get_zooms()[:3], ref.header.get_zooms()[:3], atol=1e-3)
+    corners = _corners(ours.shape)
+    np.testing.assert_allclose(ours.affine @ corners, ref.affine @ corners, atol=0.01)
+    np.testing.assert_allclose(ours.get_fdata(), ref.get_fdata(), atol=1e-4)
+
+
+def test_projection_without_orientation_matches_dcm2niix_axes(units, tmp_path):
+    """dcm2niix leaves qform/sform code 0 without ImageOrientationPatient; radflow's identity
+    orientation gives the same axis directions and values (not the same origin). dcm2niix
+    ignores ImagerPixelSpacing (1 mm); radflow uses it when PixelSpacing is absent."""
+    ours = nii(units, "dx_m2")
+    ref_raw = _run_dcm2niix(units["files"]["dx_m2"], tmp_path)
+    assert int(ref_raw.header["qform_code"]) == 0 and int(ref_raw.header["sform_code"]) == 0
+    ours_c, ref_c = nib.as_closest_canonical(ours), nib.as_closest_canonical(ref_raw)
+    assert ours_c.shape == ref_c.shape == (16, 24, 1)
+    np.testing.assert_array_equal(np.sign(ours_c.affine[:3, :3]), np.sign(ref_c.affine[:3, :3]))
+    np.testing.assert_allclose(ref_c.header.get_zooms(), (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(ours_c.get_fdata(), ref_c.get_fdata())
+    np.testing.assert_allclose(ours.header.get_zooms(), (0.1, 0.15, 1.0), atol=1e-6)
+    np.testing.assert_allclose(ours.affine[:3, 3], 0)
+    assert sidecar(units, "dx_m2")["spacing_source"] == "ImagerPixelSpacing"
+
+
+def test_pixel_spacing_preferred_over_imager(units):
+    assert sidecar(units, "dx_iop")["spacing_source"] == "PixelSpacing"
+    np.testing.assert_allclose(nii(units, "dx_iop").header.get_zooms(), (0.1, 0.2, 1.0), atol=1e-6)
+
+
+# ---------------------------------------------------------------- intensities
+def test_read_image_round_trip_2d(units):
+    path = units["files"]["dx_m2"][0]
+    pixels = pydicom.dcmread(path).pixel_array
+    image, spacing = read_image(units["out"] / f"ser-dx_m2{C.NIFTI_SUFFIX}")
+    assert image.dtype == np.float32 and image.shape == (24, 16)
+    assert image[0, 0] == pixels[0, 0] == 4000  # top-left of the DICOM image
+    np.testing.assert_array_equal(image, pixels)
+    np.testing.assert_array_equal(image, asymmetric_pattern(24, 16))
+    assert spacing == (0.15, 0.1)
+
+
+def test_read_image_round_trip_3d(units):
+    image, spacing = read_image(units["out"] / f"ser-ct_axial{C.NIFTI_SUFFIX}")
+    assert image.shape == (6, 12, 10) and spacing == (2.5, 0.8, 0.6)
+    rr, cc = np.mgrid[0:12, 0:10]
+    for k in range(6):
+        expected = 1000 + 100 * k + 7 * rr + cc - 1024.0
+        expected[:2, :3] += 1
+        np.testing.assert_array_equal(image[k], expected)
+
+
+def test_rescale_and_dtypes(units):
+    axial = nii(units, "ct_axial")
+    assert axial.get_data_dtype() == np.int16 and axial.get_fdata().min() < 0  # HU
+    oblique = nii(units, "ct_oblique")
+    assert oblique.get_data_dtype() == np.float32
+    values = np.sort(np.unique(oblique.get_fdata()))
+    assert values[0] == 1001 * 0.5 - 1024.5  # the marked corner of slice 0
+    assert 1003 * 0.5 - 1024.5 in values  # a half-integer survives: float, not rounded
+    wide = nii(units, "dx_iop")
+    assert wide.get_data_dtype() == np.int32 and wide.get_fdata().max() == 60000
+    assert sidecar(units, "ct_oblique")["rescale_applied"] is True
+    assert sidecar(units, "dx_m2")["rescale_applied"] is False
+
+
+def test_monochrome1_inverted(units):
+    path = units["files"]["cr_m1"][0]
+    stored = pydicom.dcmread(path).pixel_array.astype(float)
+    image, _ = read_image(units["out"] / f"ser-cr_m1{C.NIFTI_SUFFIX}")
+    # 12 bits unsigned, rescaled by 2x - 100: representable [-100, 8090]
+    np.testing.assert_array_equal(image, (-100 + 8090) - (2 * stored - 100))
+    assert image[0, 0] < image[-1, -1]  # the stored-bright (4000) corner is now dark
+    meta = sidecar(units, "cr_m1")
+    assert meta["inverted_monochrome1"] is True
+    assert meta["PhotometricInterpretation"] == "MONOCHROME1"
+    assert meta["RescaleSlope"] == 2.0 and meta["RescaleIntercept"] == -100.0
+    assert nii(units, "cr_m1").get_data_dtype() == np.int16
+
+
+def test_sidecar_content(units):
+    meta = sidecar(units, "ct_axial")
+    assert meta["series_pid"] == "ser-ct_axial" and meta["n_files"] == 6
+    assert meta["Modality"] == "CT" and meta["ConvolutionKernel"] == "B30f"
+    assert meta["radflow_version"] and meta["spacing_mm"] == [0.6, 0.8, 2.5]
+    for key in ("PatientName", "PatientID", "StudyInstanceUID", "InstitutionName",
+                "StudyDate", "ImagePositionPatient", "SeriesDescription"):  # fmt: skip
+        assert key not in meta
+
+
+# ------------------------------------------------------------ determinism, PHI
+def test_deterministic(units, tmp_path):
+    again = tmp_path / "again"
+    convert_shard(units["shard_tsv"], units["root"], again, threads=1, progress=False)
+    first = {p.name: p.read_bytes() for p in units["out"].iterdir()}
+    second = {p.name: p.read_bytes() for p in again.iterdir()}
+    assert first == second
+
+
+def test_outputs_hold_no_phi(units):
+    assert_phi_free(units["out"], list_files(units["root"]))
+
+
+def test_index_then_convert_end_to_end(tmp_path):
+    """The full path: messy export -> index -> every shard converted, results PHI-free."""
+    info = build_export(tmp_path / "dicom")
+    labels = write_labels(tmp_path / "labels.csv", info["labels"], ["AccessionNumber", "label"])
+    index = build_index(info["root"], labels, key=KEY, n_shards=2, progress=False)
+    results, private = tmp_path / "results", tmp_path / "private"
+    index.write(results / "index", private)
+    statuses = []
+    for k in range(2):
+        shard = private / C.SHARD_INDEX_DIR / f"{C.shard_name(k)}.tsv"
+        manifest = convert_shard(shard, info["root"], results / "nifti" / C.shard_name(k),
+                                 progress=False)  # fmt: skip
+        statuses += list(manifest[C.STATUS])
+    assert statuses == [C.STATUS_OK] * len(index.series)
+    assert_phi_free(results, list_files(info["root"]))
+    volume, spacing = read_image(
+        results / "nifti" / C.shard_name(index.series.set_index(C.SERIES_PID).loc[
+            C.pseudonym(KEY, "ser", info["C"]["mr_series"]), C.SHARD])
+        / f"{C.pseudonym(KEY, 'ser', info['C']['mr_series'])}{C.NIFTI_SUFFIX}"
+    )  # fmt: skip
+    assert volume.shape == (4, 12, 10) and spacing == (2.5, 0.8, 0.6)
+
+
+def test_empty_shard(tmp_path):
+    shard = tmp_path / "shard-001.tsv"
+    pd.DataFrame(columns=[C.SERIES_PID, C.MODALITY, C.PATH]).to_csv(shard, sep="\t", index=False)
+    manifest = convert_shard(shard, tmp_path, tmp_path / "out", progress=False)
+    assert manifest.empty and list(manifest.columns) == MANIFEST_COLUMNS
+    assert (tmp_path / "out" / C.MANIFEST).read_text() == "\t".join(MANIFEST_COLUMNS) + "\n"
