@@ -1,0 +1,441 @@
+"""Figures of an evaluation, drawn from numbers already computed (never recomputed here).
+
+Every function takes parts of the ``curves`` dict written by ``radflow.evaluate`` (or
+DataFrames / arrays), saves one PNG at ``DPI`` dots per inch to ``path`` (atomically:
+temporary file + os.replace), and returns the ``matplotlib.figure.Figure`` so tests can
+inspect what was drawn. Figures are built with the object API on an Agg canvas, never
+through pyplot, so no figure is registered globally, nothing needs closing, and the
+caller's backend and rcParams are left alone (styling is scoped with rc_context).
+
+Colours: the Okabe-Ito palette (distinguishable with the common colour-vision
+deficiencies); heat maps use the perceptually uniform "inferno".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle
+
+__all__ = [
+    "DPI",
+    "OKABE_ITO",
+    "plot_calibration",
+    "plot_cam_grid",
+    "plot_confusion",
+    "plot_precision_recall",
+    "plot_roc",
+    "plot_training_curves",
+]
+
+DPI = 150
+OKABE_ITO = (
+    "#0072B2",  # blue
+    "#E69F00",  # orange
+    "#009E73",  # bluish green
+    "#CC79A7",  # reddish purple
+    "#56B4E9",  # sky blue
+    "#D55E00",  # vermillion
+    "#F0E442",  # yellow
+    "#000000",  # black
+)
+_MAIN = OKABE_ITO[0]
+_ACCENT = OKABE_ITO[5]
+_STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+TRAINING_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc", "lr")
+
+
+# --------------------------------------------------------------------- helpers
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas; no pyplot registry involved
+    return fig
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Figure:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return fig
+
+
+def _arr(values: Any) -> np.ndarray:
+    """Float array from JSON lists, where None (an undefined value) becomes NaN."""
+    return np.asarray([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _with_ci(block: Mapping[str, Any] | None, level: str = "95%", digits: int = 3) -> str:
+    """'0.912 (95% CI 0.871\u20130.948)' from a {value, ci_low, ci_high} block."""
+    if not block:
+        return "n/a"
+    text = _fmt(block.get("value"), digits)
+    low, high = block.get("ci_low"), block.get("ci_high")
+    if low is not None and high is not None:
+        text += f" ({level} CI {_fmt(low, digits)}\u2013{_fmt(high, digits)})"
+    return text
+
+
+def _ci_pct(curves: Mapping[str, Any]) -> str:
+    level = curves.get("ci_level")
+    return f"{100 * level:.0f}%" if level is not None else "95%"
+
+
+def _cohort(curves: Mapping[str, Any]) -> str:
+    n, pos = curves.get("n_cases"), curves.get("n_positive")
+    return "" if n is None else f" (n = {n}, {pos} positive)"
+
+
+def _unit_square(ax: Axes) -> None:
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+
+
+def _message(ax: Axes, text: str) -> None:
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, transform=ax.transAxes)
+
+
+# ------------------------------------------------------------ evaluation plots
+def plot_roc(curves: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """ROC of the fold ensemble on the test set, with its bootstrap band and each fold.
+
+    Uses curves["roc"] (fpr, tpr, auroc block, band {fpr, tpr_low, tpr_high}),
+    curves["roc_folds"] (optional) and curves["operating_point"] (optional). Axes:
+    false positive rate and true positive rate as fractions. The ensemble line is
+    ``fig.axes[0].lines[0]``.
+    """
+    roc = curves["roc"]
+    pct = _ci_pct(curves)
+    with mpl.rc_context(_STYLE):
+        fig = _new_figure((5.2, 5.0))
+        ax = fig.add_subplot()
+        ax.plot(
+            _arr(roc["fpr"]),
+            _arr(roc["tpr"]),
+            color=_MAIN,
+            lw=2,
+            zorder=4,
+            label=f"ensemble, AUC {_with_ci(roc.get('auroc'), pct)}",
+        )
+        band = roc.get("band")
+        if band:
+            ax.fill_between(
+                _arr(band["fpr"]),
+                _arr(band["tpr_low"]),
+                _arr(band["tpr_high"]),
+                color=_MAIN,
+                alpha=0.2,
+                lw=0,
+                step=None,
+                label=f"{pct} bootstrap band (pointwise)",
+            )
+        for i, fold in enumerate(curves.get("roc_folds", [])):
+            ax.plot(
+                _arr(fold["fpr"]),
+                _arr(fold["tpr"]),
+                color=OKABE_ITO[1 + i % (len(OKABE_ITO) - 2)],
+                lw=0.8,
+                alpha=0.8,
+                label=f"fold {fold['fold']}, AUC {_fmt(fold.get('auroc'))}",
+            )
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8, label="chance")
+        op = curves.get("operating_point")
+        if op and op.get("fpr") is not None:
+            ax.plot(
+                [op["fpr"]],
+                [op["tpr"]],
+                ls="none",
+                marker="o",
+                ms=8,
+                mfc="white",
+                mec=_ACCENT,
+                mew=2,
+                zorder=5,
+                label=f"threshold {_fmt(op.get('threshold'))} (from validation)",
+            )
+        _unit_square(ax)
+        ax.set_xlabel("False positive rate (1 \u2212 specificity, fraction)")
+        ax.set_ylabel("True positive rate (sensitivity, fraction)")
+        ax.set_title(f"ROC \u2013 fold ensemble on held-out test set{_cohort(curves)}")
+        ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_precision_recall(curves: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """Precision-recall curve (step-wise, as average precision integrates it) of the
+    ensemble on the test set, with the prevalence baseline. Uses curves["pr"]
+    (recall, precision, auprc block, prevalence). The curve is fig.axes[0].lines[0]."""
+    pr = curves["pr"]
+    with mpl.rc_context(_STYLE):
+        fig = _new_figure((5.2, 5.0))
+        ax = fig.add_subplot()
+        ax.step(
+            _arr(pr["recall"]),
+            _arr(pr["precision"]),
+            where="post",
+            color=_MAIN,
+            lw=2,
+            label=f"ensemble, AP {_with_ci(pr.get('auprc'), _ci_pct(curves))}",
+        )
+        prevalence = pr.get("prevalence")
+        if prevalence is not None:
+            ax.axhline(
+                prevalence,
+                ls="--",
+                color="grey",
+                lw=0.8,
+                label=f"prevalence baseline {prevalence:.3f}",
+            )
+        _unit_square(ax)
+        ax.set_xlabel("Recall (sensitivity, fraction)")
+        ax.set_ylabel("Precision (positive predictive value, fraction)")
+        ax.set_title(f"Precision\u2013recall \u2013 test set{_cohort(curves)}")
+        ax.legend(loc="lower left")
+    return _save(fig, path)
+
+
+def plot_calibration(curves: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """Reliability diagram with the per-bin case counts in a panel below.
+
+    Uses curves["calibration"] (bin_lower, bin_upper, mean_predicted, observed_rate,
+    count, ece and brier blocks). Empty bins are not drawn. The reliability line is
+    fig.axes[0].lines[1] (lines[0] is the diagonal); the count bars are
+    fig.axes[1].patches.
+    """
+    cal = curves["calibration"]
+    lower, upper = _arr(cal["bin_lower"]), _arr(cal["bin_upper"])
+    mean_pred, observed = _arr(cal["mean_predicted"]), _arr(cal["observed_rate"])
+    count = _arr(cal["count"])
+    filled = count > 0
+    pct = _ci_pct(curves)
+    with mpl.rc_context(_STYLE):
+        fig = _new_figure((5.2, 6.0))
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        top.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8, label="perfect calibration")
+        top.plot(
+            mean_pred[filled],
+            observed[filled],
+            marker="o",
+            color=_MAIN,
+            lw=1.5,
+            label="ensemble (per bin)",
+        )
+        top.set_xlim(0, 1)
+        top.set_ylim(-0.01, 1.01)
+        top.set_ylabel("Observed fraction positive")
+        top.legend(loc="upper left")
+        top.set_title(
+            f"Calibration \u2013 test set{_cohort(curves)}\n"
+            f"ECE {_with_ci(cal.get('ece'), pct)}, Brier {_with_ci(cal.get('brier'), pct)}"
+        )
+        bottom.bar(
+            lower,
+            count,
+            width=upper - lower,
+            align="edge",
+            color=OKABE_ITO[4],
+            edgecolor="white",
+        )
+        bottom.set_xlabel("Mean predicted probability (fraction)")
+        bottom.set_ylabel("Cases per bin")
+    return _save(fig, path)
+
+
+def plot_confusion(curves: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """2x2 confusion matrix: counts with row-normalised percentages (of each true class).
+
+    Uses curves["confusion"] (matrix [[tn, fp], [fn, tp]], row_labels, col_labels,
+    threshold). Cell texts are fig.axes[0].texts in row-major order.
+    """
+    conf = curves["confusion"]
+    matrix = np.asarray(conf["matrix"], dtype=float)
+    if matrix.shape != (2, 2):
+        raise ValueError(f"confusion matrix must be 2x2, got shape {matrix.shape}")
+    row_sums = matrix.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(row_sums > 0, matrix / row_sums, np.nan)
+    with mpl.rc_context({**_STYLE, "axes.grid": False}):
+        fig = _new_figure((4.8, 4.4))
+        ax = fig.add_subplot()
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for r in range(2):
+            for c in range(2):
+                pct = "n/a" if np.isnan(share[r, c]) else f"{100 * share[r, c]:.1f}%"
+                ax.text(
+                    c,
+                    r,
+                    f"{int(matrix[r, c])}\n({pct})",
+                    ha="center",
+                    va="center",
+                    fontsize=12,
+                    color="white" if share[r, c] > 0.6 else "black",
+                )
+        # Two-line tick labels keep the 2x2 square readable at this size.
+        cols = conf.get("col_labels", ["predicted 0", "predicted 1"])
+        rows = conf.get("row_labels", ["label 0", "label 1"])
+        ax.set_xticks([0, 1], [str(t).replace(" ", "\n", 1) for t in cols])
+        ax.set_yticks([0, 1], [str(t).replace(" ", "\n", 1) for t in rows])
+        ax.set_xlabel("Prediction")
+        ax.set_ylabel("Truth")
+        ax.set_title(
+            f"Confusion matrix \u2013 test set{_cohort(curves)}\n"
+            f"threshold {_fmt(conf.get('threshold'))}; counts (% of true class)"
+        )
+    return _save(fig, path)
+
+
+# -------------------------------------------------------------------- training
+def plot_training_curves(histories: Mapping[int, pd.DataFrame], path: str | os.PathLike) -> Figure:
+    """Training histories, one line per fold: loss, validation AUROC, learning rate.
+
+    ``histories``: {fold: DataFrame with columns epoch, train_loss, val_loss,
+    val_auroc, lr}. Panels (fig.axes[0..2]): loss (train dashed, val solid, same colour
+    per fold), validation AUROC, learning rate (log scale when all positive). Each
+    fold's best epoch (max val_auroc) is marked with a star on the AUROC panel and a
+    dotted vertical line on the others.
+    """
+    for fold, frame in histories.items():
+        lacking = [c for c in TRAINING_COLUMNS if c not in frame.columns]
+        if lacking:
+            raise ValueError(f"training history of fold {fold} lacks column(s) {lacking}")
+    with mpl.rc_context(_STYLE):
+        fig = _new_figure((12.0, 3.8))
+        ax_loss, ax_auc, ax_lr = fig.subplots(1, 3)
+        if not histories:
+            for ax in (ax_loss, ax_auc, ax_lr):
+                _message(ax, "no training history")
+            return _save(fig, path)
+        all_lr = []
+        for i, fold in enumerate(sorted(histories)):
+            h = histories[fold].sort_values("epoch")
+            colour = OKABE_ITO[i % len(OKABE_ITO)]
+            epoch = h["epoch"].to_numpy(dtype=float)
+            ax_loss.plot(
+                epoch, h["train_loss"], ls="--", color=colour, lw=1, label=f"fold {fold} train"
+            )
+            ax_loss.plot(epoch, h["val_loss"], color=colour, lw=1.5, label=f"fold {fold} val")
+            ax_auc.plot(epoch, h["val_auroc"], color=colour, lw=1.5, label=f"fold {fold}")
+            lr = h["lr"].to_numpy(dtype=float)
+            all_lr.append(lr)
+            ax_lr.plot(epoch, lr, color=colour, lw=1.5, label=f"fold {fold}")
+            auc = h["val_auroc"].to_numpy(dtype=float)
+            if np.isfinite(auc).any():
+                best = int(np.nanargmax(auc))
+                ax_auc.plot(
+                    [epoch[best]],
+                    [auc[best]],
+                    ls="none",
+                    marker="*",
+                    ms=11,
+                    color=colour,
+                    mec="black",
+                    mew=0.5,
+                    zorder=5,
+                )
+                for ax in (ax_loss, ax_lr):
+                    ax.axvline(epoch[best], color=colour, ls=":", lw=0.8)
+        lr_values = np.concatenate(all_lr)
+        if lr_values.size and np.all(lr_values[np.isfinite(lr_values)] > 0):
+            ax_lr.set_yscale("log")
+        ax_loss.set_title("Loss (dashed: training, solid: validation)")
+        ax_loss.set_ylabel("Loss (training objective)")
+        ax_auc.set_title("Validation AUROC (\u2605 best epoch)")
+        ax_auc.set_ylabel("AUROC (fraction)")
+        ax_lr.set_title("Learning rate")
+        ax_lr.set_ylabel("Learning rate (per step)")
+        for ax in (ax_loss, ax_auc, ax_lr):
+            ax.set_xlabel("Epoch")
+        ax_loss.legend(ncols=2, fontsize=7)
+        ax_auc.legend(fontsize=7)
+        fig.suptitle("Training curves per fold")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------- CAMs
+def _robust_limits(image: np.ndarray) -> tuple[float, float]:
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    # Percentiles, not min/max: one hot pixel would otherwise wash the image out.
+    low, high = np.percentile(finite, [1, 99])
+    return (float(low), float(high)) if high > low else (float(low), float(low) + 1.0)
+
+
+def plot_cam_grid(
+    items: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str
+) -> Figure:
+    """Grid of images with class-activation-map overlays and ground-truth rings.
+
+    Each item: image (2-D float array, H x W, any intensity unit; shown in grey between
+    its 1st and 99th percentile), cam (H x W array in [0, 1]; drawn with "inferno",
+    opacity rising with activation so unactivated tissue stays visible), caption (text
+    under the panel), circles (list of (row, col, radius) in pixels, drawn as unfilled
+    rings; may be empty). At most 4 panels per row. An empty list gives a figure saying
+    "no cases in this category". Panels are fig.axes in item order.
+    """
+    n = len(items)
+    n_cols = max(1, min(4, n))
+    n_rows = max(1, math.ceil(n / n_cols))
+    with mpl.rc_context({**_STYLE, "axes.grid": False}):
+        fig = _new_figure((3.0 * n_cols, 3.3 * n_rows + 0.5))
+        fig.suptitle(title)
+        if n == 0:
+            _message(fig.add_subplot(), "no cases in this category")
+            return _save(fig, path)
+        axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
+        for i, (ax, item) in enumerate(zip(axes, items, strict=False)):
+            image = np.asarray(item["image"], dtype=float)
+            cam = np.asarray(item["cam"], dtype=float)
+            if image.ndim != 2:
+                raise ValueError(f"item {i}: image must be 2-D, got shape {image.shape}")
+            if cam.shape != image.shape:
+                raise ValueError(
+                    f"item {i}: cam shape {cam.shape} differs from image shape {image.shape}"
+                )
+            vmin, vmax = _robust_limits(image)
+            ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            cam = np.clip(np.nan_to_num(cam, nan=0.0), 0.0, 1.0)
+            ax.imshow(
+                cam, cmap="inferno", vmin=0, vmax=1, alpha=0.6 * cam, interpolation="bilinear"
+            )
+            for row, col, radius in item.get("circles", ()) or ():
+                ax.add_patch(Circle((col, row), radius, fill=False, edgecolor=OKABE_ITO[4], lw=1.5))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            ax.set_xlabel(str(item.get("caption", "")), fontsize=8, wrap=True)
+        for ax in axes[n:]:
+            ax.set_axis_off()
+    return _save(fig, path)
