@@ -14,6 +14,12 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+
+from radflow import conventions as C
+from radflow.dicom.convert import MANIFEST_COLUMNS, convert_shard
+from radflow.dicom.index import build_index, list_files
+from radflow.dicom.nifti import read_image
+
 from dicom_factory import (
     assert_phi_free,
     asymmetric_pattern,
@@ -23,11 +29,6 @@ from dicom_factory import (
     write_projection,
     write_volume,
 )
-
-from radflow import conventions as C
-from radflow.dicom.convert import MANIFEST_COLUMNS, convert_shard
-from radflow.dicom.index import build_index, list_files
-from radflow.dicom.nifti import read_image
 
 KEY = b"radflow-test-key-0123456789abcdef"
 

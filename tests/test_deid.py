@@ -6,9 +6,10 @@ import json
 import warnings
 
 import pydicom
-from dicom_factory import PHI_MARKER, planted_values, write_projection, write_volume
 
 from radflow.deid import FORBIDDEN_VRS, SIDECAR_WHITELIST, sidecar_fields, whitelist_vrs
+
+from dicom_factory import PHI_MARKER, planted_values, write_projection, write_volume
 
 
 def test_whitelist_has_no_identifying_vr_or_keyword():

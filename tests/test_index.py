@@ -8,14 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from dicom_factory import (
-    PHI_MARKER,
-    assert_phi_free,
-    build_export,
-    new_uid,
-    write_labels,
-    write_projection,
-)
 
 from radflow import conventions as C
 from radflow.dicom.index import (
@@ -27,6 +19,15 @@ from radflow.dicom.index import (
     build_index,
     list_files,
     read_labels,
+)
+
+from dicom_factory import (
+    PHI_MARKER,
+    assert_phi_free,
+    build_export,
+    new_uid,
+    write_labels,
+    write_projection,
 )
 
 KEY = b"radflow-test-key-0123456789abcdef"

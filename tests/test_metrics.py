@@ -130,7 +130,9 @@ def test_youden_matches_brute_force(data):
         j = tp * n_neg - fp * n_pos
         if best_j is None or j > best_j:
             best_t, best_j = t, j
-    assert M.youden_threshold(y, p) == best_t
+    lower = np.unique(p)[np.unique(p) < best_t]
+    expected = (best_t + lower.max()) / 2 if lower.size else best_t
+    assert M.youden_threshold(y, p) == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------- hand cases
@@ -168,15 +170,24 @@ def test_auc_by_hand_with_ties():
 def test_youden_by_hand():
     y = np.array([0, 0, 0, 1, 1, 1])
     p = np.array([0.1, 0.4, 0.35, 0.8, 0.35, 0.9])
-    # J: t=.9 -> 1/3, t=.8 -> 2/3, t=.4 -> 1/3, t=.35 -> 1/3, t=.1 -> 0
-    assert M.youden_threshold(y, p) == 0.8
+    # J: t=.9 -> 1/3, t=.8 -> 2/3, t=.4 -> 1/3, t=.35 -> 1/3, t=.1 -> 0; the threshold
+    # sits midway between .8 and the next lower score .4
+    assert M.youden_threshold(y, p) == pytest.approx(0.6)
+    called = p >= M.youden_threshold(y, p)
+    assert called.tolist() == (p >= 0.8).tolist()
 
 
 def test_youden_ties_go_to_higher_threshold():
     y = np.array([0, 1, 0, 1])
     p = np.array([0.2, 0.4, 0.6, 0.8])
-    # J = 1/2 at both 0.8 (tp 1, fp 0) and 0.4 (tp 2, fp 1)
-    assert M.youden_threshold(y, p) == 0.8
+    # J = 1/2 at both 0.8 (tp 1, fp 0) and 0.4 (tp 2, fp 1): 0.8 wins, midway to 0.6
+    assert M.youden_threshold(y, p) == pytest.approx(0.7)
+
+
+def test_youden_threshold_sits_in_the_middle_of_a_separating_gap():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.05, 0.1, 0.2, 0.6, 0.7, 0.9])
+    assert M.youden_threshold(y, p) == pytest.approx(0.4)
 
 
 def test_undefined_metrics_are_nan_not_errors():

@@ -327,6 +327,25 @@ def list_files(dicom_root: str | os.PathLike) -> list[str]:
     return sorted(out)
 
 
+def tree_fingerprint(dicom_root: str | os.PathLike) -> str:
+    """A short hash of every indexed file's relative path, size and modification time.
+
+    Used as a Snakemake parameter of the index rule: adding, removing or replacing a file
+    changes it and reruns the index, while an untouched tree reruns nothing. Costs one
+    stat per file (about a second for 10^5 files), no reads.
+    """
+    import hashlib
+
+    root = Path(dicom_root)
+    if not root.is_dir():
+        return "missing"
+    digest = hashlib.sha256()
+    for rel in list_files(root):
+        stat = (root / rel).stat()
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def scan_files(
     dicom_root: str | os.PathLike,
     rels: Sequence[str],

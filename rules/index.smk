@@ -1,0 +1,25 @@
+rule index:
+    input:
+        dicom=get_dicom_input(),
+        labels=config["data"]["labels_table"],
+        annotations=get_annotations_input(),
+        key=KEY_FILE,
+    output:
+        series=f"{RESULTS}/index/{C.SERIES_TABLE}",
+        quarantine=f"{RESULTS}/index/{C.QUARANTINE_TABLE}",
+        annotations=f"{RESULTS}/index/{C.ANNOTATIONS_TABLE}",
+        summary=f"{RESULTS}/index/{C.INDEX_SUMMARY}",
+        quarantine_paths=f"{PRIVATE}/{C.QUARANTINE_PATHS}",
+        shard_files=expand(f"{PRIVATE}/{C.SHARD_INDEX_DIR}/{{shard}}.tsv", shard=SHARDS),
+    log:
+        f"{LOGS}/index.log",
+    conda:
+        "../envs/dicom.yaml"
+    threads: get_threads("index")
+    params:
+        dicom_root=get_dicom_root,
+        labels=get_label_params(),
+        n_shards=config["shards"],
+        tree_fingerprint=get_tree_fingerprint(),
+    script:
+        "../scripts/index.py"

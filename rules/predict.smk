@@ -1,0 +1,21 @@
+rule predict:
+    input:
+        model=f"{RESULTS}/train/fold{{fold}}/model.pt",
+        preprocessed=get_preprocessed(),
+        folds=f"{RESULTS}/split/folds.tsv",
+    output:
+        f"{RESULTS}/predict/fold{{fold}}.tsv",
+    log:
+        f"{LOGS}/predict/fold{{fold}}.log",
+    conda:
+        "../envs/train.yaml"
+    threads: get_threads("predict")
+    resources:
+        gpu=1,
+    params:
+        task=config["task"],
+        device=config["train"]["device"],
+        batch_size=config["train"]["eval_batch_size"],
+        calibrate=config["evaluate"]["calibration"] == "platt",
+    script:
+        "../scripts/predict.py"

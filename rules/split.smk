@@ -1,0 +1,15 @@
+rule split:
+    input:
+        f"{RESULTS}/index/{C.SERIES_TABLE}",
+    output:
+        f"{RESULTS}/split/folds.tsv",
+    log:
+        f"{LOGS}/split.log",
+    conda:
+        "../envs/preprocess.yaml"
+    threads: 1
+    params:
+        split=config["split"],
+        seed=config["seed"],
+    script:
+        "../scripts/split.py"

@@ -1,0 +1,23 @@
+rule train:
+    input:
+        preprocessed=get_preprocessed(),
+        folds=f"{RESULTS}/split/folds.tsv",
+    output:
+        model=f"{RESULTS}/train/fold{{fold}}/model.pt",
+        history=f"{RESULTS}/train/fold{{fold}}/history.tsv",
+    log:
+        f"{LOGS}/train/fold{{fold}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/fold{{fold}}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: get_threads("train")
+    resources:
+        gpu=1,
+    params:
+        task=config["task"],
+        model=config["model"],
+        train=config["train"],
+        seed=config["seed"],
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,48 @@
+"""A small synthetic cohort for tests, and the PHI values planted in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+
+from radflow.synth.cohort import CohortSpec, synthesize_cohort
+
+# Small matrices at a coarse spacing keep a realistic field of view (about 200 mm).
+SMALL = dict(min_matrix_px=192, max_matrix_px=256, pixel_spacing_mm=(0.8, 1.0))
+
+PHI_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
+    "ReferringPhysicianName", "OperatorsName", "DeviceSerialNumber", "StudyInstanceUID",
+    "SeriesInstanceUID", "SOPInstanceUID", "StudyID",
+)  # fmt: skip
+
+
+def make_cohort(root: Path, n_patients: int = 24, seed: int = 1, threads: int = 2, **spec):
+    paths = (root / "dicom", root / "labels.csv", root / "lesions.csv")
+    synthesize_cohort(
+        *paths,
+        CohortSpec(n_patients=n_patients, seed=seed, **{**SMALL, **spec}),
+        threads=threads,
+        progress=False,
+    )
+    return paths
+
+
+def planted_phi(dicom_dir: Path) -> set[str]:
+    """Every identifying value written into the cohort's headers (long enough to be
+    searched for without matching ordinary numbers or words by chance)."""
+    values: set[str] = set()
+    for path in sorted(p for p in Path(dicom_dir).rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        for keyword in PHI_KEYWORDS:
+            value = str(ds.get(keyword, "") or "")
+            if len(value) >= 6:
+                values.add(value)
+                if "^" in value:  # names also appear as "Given Family" or "Family, Given"
+                    family, given = value.split("^")[:2]
+                    values.update({f"{given} {family}", f"{family}, {given}", family + given})
+    return values

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from radflow.preprocess import (
+    PreprocessSettings,
+    normalize_ct,
+    normalize_mr,
+    normalize_xray,
+    plan_grid,
+    preprocess_image,
+    resample,
+)
+
+
+def test_xray_normalisation_clips_to_percentiles():
+    image = np.arange(1000, dtype=np.float32)
+    out = normalize_xray(image, (1.0, 99.0))
+    assert out.min() == 0.0 and out.max() == 1.0
+    lo, hi = np.percentile(image, [1, 99])
+    assert out[500] == pytest.approx((500 - lo) / (hi - lo), abs=1e-6)
+
+
+def test_ct_window_maps_hounsfield_units():
+    out = normalize_ct(np.array([-2000.0, -1000.0, -300.0, 400.0, 3000.0]), (-1000, 400))
+    np.testing.assert_allclose(out, [0, 0, 0.5, 1, 1], atol=1e-6)
+
+
+def test_mr_zscore_over_foreground():
+    image = np.zeros((20, 20), np.float32)
+    image[5:15, 5:15] = np.linspace(100, 200, 100).reshape(10, 10)
+    out = normalize_mr(image, 0.05)
+    fg = out[5:15, 5:15]
+    assert fg.mean() == pytest.approx(0, abs=1e-5) and fg.std() == pytest.approx(1, abs=1e-3)
+    assert out[0, 0] == pytest.approx(fg.min())
+
+
+def test_grid_fits_physical_extent_and_keeps_aspect():
+    # 100 rows x 200 cols at 0.5 x 0.25 mm: 50 mm x 50 mm -> square in a 64 x 64 grid
+    mapping = plan_grid((100, 200), (0.5, 0.25), (64, 64))
+    assert mapping.out_spacing_mm == pytest.approx((50 / 64, 50 / 64))
+    assert mapping.scale == pytest.approx((0.5 / (50 / 64), 0.25 / (50 / 64)))
+    # the image centre maps to the grid centre
+    assert mapping.to_output((49.5, 99.5)) == pytest.approx((31.5, 31.5))
+
+
+def test_resample_puts_a_point_where_the_mapping_says():
+    image = np.zeros((300, 200), np.float32)
+    image[60:66, 150:156] = 1.0  # a small bright square centred at (62.5, 152.5)
+    settings = PreprocessSettings(target_shape_px=(64, 64))
+    case = preprocess_image(
+        image * 1000,
+        (0.2, 0.2),
+        "CT",
+        PreprocessSettings(target_shape_px=(64, 64), ct_window_hu=(0, 1000)),
+    )
+    out = case.array[0].astype(np.float32)
+    row, col = np.unravel_index(np.argmax(out), out.shape)
+    expected = case.mapping.to_output((62.5, 152.5))
+    assert abs(row - expected[0]) <= 1 and abs(col - expected[1]) <= 1
+    assert settings.target_shape_px == out.shape
+
+
+def test_downsampling_is_antialiased():
+    checker = (np.indices((256, 256)).sum(0) % 2).astype(np.float32)
+    mapping = plan_grid(checker.shape, (1, 1), (32, 32))
+    out = resample(checker, mapping, (32, 32), fill=0.0)
+    # without a prefilter, point sampling of a checkerboard returns 0s and 1s
+    assert np.abs(out[4:-4, 4:-4] - 0.5).max() < 0.05
+
+
+def test_three_dimensional_volumes_resample_too():
+    volume = np.random.default_rng(0).random((20, 40, 40)).astype(np.float32) * 100
+    case = preprocess_image(
+        volume, (2.5, 0.8, 0.8), "MR", PreprocessSettings(target_shape_px=(16, 32, 32))
+    )
+    assert case.array.shape == (1, 16, 32, 32)
+    with pytest.raises(ValueError, match="target_shape_px"):
+        preprocess_image(volume, (2.5, 0.8, 0.8), "MR", PreprocessSettings((32, 32)))

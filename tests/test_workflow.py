@@ -1,0 +1,190 @@
+"""The real Snakemake DAG on a tiny synthetic cohort: runs end to end, reruns nothing the
+second time, reruns exactly the stages a changed parameter affects, leaks no PHI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synth_cohort import planted_phi
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+ALL_RULES = {
+    "synthesize",
+    "index",
+    "convert",
+    "preprocess",
+    "split",
+    "train",
+    "predict",
+    "evaluate",
+    "figures",
+    "gradcam",
+    "all",
+}
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir: Path, *args: str, configs=(), check=True) -> subprocess.CompletedProcess:
+    configfiles = [str(REPO / "config" / "config.yaml"), str(TINY), *map(str, configs)]
+    cmd = [
+        *SNAKEMAKE,
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        *configfiles,
+        "--cores",
+        "2",
+        "--resources",
+        "gpu=1",
+        *args,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    if check and done.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def planned_jobs(workdir: Path, configs=()) -> dict[str, int]:
+    """Job counts per rule from Snakemake's own dry-run summary ("Job stats")."""
+    out = snakemake(workdir, "--dry-run", "--quiet", "rules", configs=configs)
+    text = out.stdout + out.stderr
+    if "Nothing to be done" in text:
+        return {}
+    stats = text[text.index("Job stats:") :]
+    return {
+        m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M) if m[1] != "total"
+    }
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    snakemake(workdir)
+    snakemake(workdir, "--report", "results/report.html")
+    return workdir
+
+
+def test_study_runs_end_to_end(study):
+    results = study / "results"
+    metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
+    ens = metrics["ensemble_test"]
+    assert ens["n_folds"] == 2 and ens["n_cases"] > 0
+    assert 0 <= ens["auroc"]["ci_low"] <= ens["auroc"]["value"] <= ens["auroc"]["ci_high"] <= 1
+    for name in (
+        "roc",
+        "precision_recall",
+        "calibration",
+        "confusion",
+        "training_curves",
+        "gradcam_true_positives",
+        "gradcam_false_positives",
+    ):
+        png = results / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (results / "report.html").read_text(errors="replace")
+    assert "roc.png" in report and "metrics.tsv" in report
+    # the corrupt file, the structured report and the text file were quarantined, not fatal
+    quarantine = (results / "index" / "quarantine.tsv").read_text()
+    assert "truncated" in quarantine and "SR" in quarantine and "not a DICOM" in quarantine
+    # split: every dev patient in exactly one fold, none in the test set too
+    split = (results / "split" / "folds.tsv").read_text().splitlines()[1:]
+    by_patient: dict[str, set] = {}
+    for line in split:
+        _, patient, _, part, fold = line.split("\t")
+        by_patient.setdefault(patient, set()).add((part, fold))
+    assert all(len(v) == 1 for v in by_patient.values())
+
+
+def test_second_run_does_nothing(study):
+    assert planned_jobs(study) == {}
+    out = snakemake(study, "--dry-run")
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def _override(tmp_path: Path, name: str, content: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_preprocessing_change_reruns_preprocessing_and_after_only(study, tmp_path):
+    tiny = yaml.safe_load(TINY.read_text())
+    changed = _override(
+        tmp_path, "pre", {"preprocess": {**tiny["preprocess"], "xray_percentiles": [1.0, 99.0]}}
+    )
+    jobs = planned_jobs(study, [changed])
+    assert set(jobs) == {"preprocess", "train", "predict", "evaluate", "figures", "gradcam", "all"}
+    assert jobs["preprocess"] == 2 and jobs["train"] == 2
+
+
+def test_training_change_reruns_training_and_after_only(study, tmp_path):
+    tiny = yaml.safe_load(TINY.read_text())
+    changed = _override(tmp_path, "train", {"train": {**tiny["train"], "learning_rate": 0.01}})
+    jobs = planned_jobs(study, [changed])
+    assert set(jobs) == {"train", "predict", "evaluate", "figures", "gradcam", "all"}
+
+
+def test_evaluation_change_leaves_models_alone(study, tmp_path):
+    changed = _override(tmp_path, "eval", {"evaluate": {"n_boot": 300}})
+    assert set(planned_jobs(study, [changed])) == {"evaluate", "figures", "gradcam", "all"}
+
+
+def _text_of(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data += gzip.decompress(data)
+    return data
+
+
+def test_no_planted_phi_in_any_output(study):
+    phi = planted_phi(study / "data" / "demo" / "dicom")
+    assert len(phi) > 50  # names, ids, birth dates, accession numbers, institutions, UIDs
+    files = [p for p in (study / "results").rglob("*") if p.is_file()]
+    assert len(files) > 30
+    leaks = []
+    for path in files:
+        blob = _text_of(path)
+        rel = str(path.relative_to(study))
+        for value in phi:
+            if value.encode() in blob or value in rel:
+                leaks.append(f"{rel}: {value}")
+    assert not leaks, "PHI found in outputs:\n" + "\n".join(leaks[:20])
+
+
+def test_lint_is_clean():
+    workdir = REPO
+    done = subprocess.run([*SNAKEMAKE, "--lint"], capture_output=True, text=True, cwd=workdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Lints for" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_bad_config_fails_at_once_naming_the_key(tmp_path):
+    bad = _override(tmp_path, "bad", {"train": {"epochs": "ten"}})
+    done = snakemake(tmp_path, "--dry-run", configs=[bad], check=False)
+    assert done.returncode != 0 and "epochs" in done.stderr + done.stdout
+    typo = _override(tmp_path, "typo", {"split": {"n_fold": 3}})
+    done = snakemake(tmp_path, "--dry-run", configs=[typo], check=False)
+    assert done.returncode != 0 and "n_fold" in done.stderr + done.stdout
+    missing = _override(
+        tmp_path,
+        "missing",
+        {"synthesize": {"enabled": False}, "data": {"dicom_root": "no/such/folder"}},
+    )
+    done = snakemake(tmp_path, "--dry-run", configs=[missing], check=False)
+    assert done.returncode != 0 and "data.dicom_root" in done.stderr + done.stdout
+    assert not (tmp_path / "results").exists()
+    shutil.rmtree(tmp_path / "private", ignore_errors=True)
