@@ -1,0 +1,55 @@
+# radflow: two commands do all set-up on a fresh machine.
+#   make demo   create .venv, install, run the study on the embedded synthetic cohort
+#   make test   create .venv, install, run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= $(shell nproc 2>/dev/null || echo 2)
+# PyTorch: where no NVIDIA GPU is found, take the CPU build (on this project's CI image
+# the 2.13.0 CPU wheel lies on disk; elsewhere set TORCH_INDEX to PyTorch's CPU index,
+# e.g. https://download.pytorch.org/whl/cpu, to avoid a multi-GB CUDA download).
+TORCH_CPU ?= torch==2.13.0
+TORCH_GPU ?= torch>=2.4
+TORCH_INDEX ?=
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+
+.PHONY: demo test lint report clean help
+
+help:
+	@echo "make demo  - install into $(VENV) and run the study on the synthetic cohort"
+	@echo "make test  - install into $(VENV) and run the tests"
+	@echo "make lint  - ruff, snakefmt and snakemake --lint"
+	@echo "make clean - remove results/ and Snakemake's state (keeps data/ and private/)"
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+ifeq ($(HAS_GPU),yes)
+	$(BIN)/pip install --quiet "$(TORCH_GPU)"
+else
+	$(BIN)/pip install --quiet "$(TORCH_CPU)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+endif
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/snakemake --cores $(CORES) --resources gpu=1
+	$(BIN)/snakemake --cores 1 --report results/report.html
+	@$(BIN)/python -m radflow.summary results/evaluate/metrics.json
+
+test: $(VENV)/.installed
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check radflow scripts tests benchmarks
+	$(BIN)/ruff format --check radflow scripts tests benchmarks
+	$(BIN)/snakefmt --check Snakefile rules
+	$(BIN)/snakemake --lint
+
+report: $(VENV)/.installed
+	$(BIN)/snakemake --cores 1 --report results/report.html
+
+clean:
+	rm -rf results .snakemake
