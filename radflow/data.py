@@ -1,0 +1,128 @@
+"""Access to preprocessed shards and a prefetching batch iterator.
+
+The preprocess stage writes per shard a memory-mappable `images.npy` (N, C, *spatial)
+and a manifest in array order. `PreprocessedStore` opens all shards lazily and gathers
+cases by series pseudonym. `BatchIterator` builds each batch in a background thread
+(numpy's fancy indexing releases the GIL), so reading from a memory map overlaps the
+training step; on CUDA the batch is pinned for an asynchronous host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from radflow import conventions as C
+
+
+class PreprocessedStore:
+    """All preprocessed cases of a study, addressed by series_pid."""
+
+    def __init__(self, shard_dirs: Sequence[str | os.PathLike]):
+        self._arrays: list[np.ndarray] = []
+        frames = []
+        for shard_index, shard_dir in enumerate(shard_dirs):
+            shard_dir = Path(shard_dir)
+            manifest = pd.read_csv(shard_dir / C.MANIFEST, sep="\t", dtype={C.SERIES_PID: str})
+            self._arrays.append(np.load(shard_dir / C.PREPROCESSED_ARRAY, mmap_mode="r"))
+            manifest["_shard"] = shard_index
+            frames.append(manifest)
+        self.manifest = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if self.manifest[C.SERIES_PID].duplicated().any():
+            raise ValueError("a series_pid appears in two preprocessed shards")
+        self._where = {
+            pid: (int(s), int(i))
+            for pid, s, i in zip(
+                self.manifest[C.SERIES_PID],
+                self.manifest["_shard"],
+                self.manifest["index"],
+                strict=True,
+            )
+        }
+        shapes = {a.shape[1:] for a in self._arrays if len(a)}
+        if len(shapes) > 1:
+            raise ValueError(f"preprocessed shards disagree on case shape: {sorted(shapes)}")
+        self.case_shape = shapes.pop() if shapes else None
+
+    def __contains__(self, series_pid: str) -> bool:
+        return series_pid in self._where
+
+    def row(self, series_pid: str) -> dict:
+        shard, index = self._where[series_pid]
+        frame = self.manifest[
+            (self.manifest["_shard"] == shard) & (self.manifest["index"] == index)
+        ]
+        return frame.iloc[0].to_dict()
+
+    def gather(self, series_pids: Sequence[str]) -> np.ndarray:
+        """Cases in the given order, as one (N, C, *spatial) array."""
+        out = np.empty((len(series_pids), *self.case_shape), dtype=self._arrays[0].dtype)
+        for k, pid in enumerate(series_pids):
+            shard, index = self._where[pid]
+            out[k] = self._arrays[shard][index]
+        return out
+
+
+class BatchIterator:
+    """Yields (x, y) torch batches from an indexable array, built ahead in a thread.
+
+    `images` may be an in-memory array or a memory map; `order` is the sequence of row
+    indices for one pass (shuffled by the caller for training).
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        targets: np.ndarray,
+        order: np.ndarray,
+        batch_size: int,
+        *,
+        pin_memory: bool = False,
+        prefetch: int = 2,
+        drop_last: bool = False,
+    ):
+        self.images, self.targets = images, targets
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        self.batches = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+        self.batches = [b for b in self.batches if len(b)]
+        self.pin_memory = pin_memory
+        self.prefetch = prefetch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _make(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # sorted reads are sequential in a memory map; the model does not see the order
+        rows = np.sort(rows)
+        x = torch.from_numpy(np.ascontiguousarray(self.images[rows]))
+        y = torch.from_numpy(np.asarray(self.targets[rows]))
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        slots: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        done = object()
+
+        def producer():
+            try:
+                for rows in self.batches:
+                    slots.put(self._make(rows))
+            except BaseException as error:  # surface loader errors in the training thread
+                slots.put(error)
+            slots.put(done)
+
+        thread = threading.Thread(target=producer, daemon=True)
+        thread.start()
+        while (item := slots.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        thread.join()

@@ -1,0 +1,334 @@
+"""Training one model: one loop a reader can hold in their head.
+
+data -> augment -> forward -> loss -> backward -> step -> schedule, then validate, log a
+history row, keep the best checkpoint. Device, precision and memory-format switches are
+decided once at the top of `train_model`.
+
+Reproducibility: with the same seed, data and thread count a CPU run gives the same
+weights (batch order and augmentation come from seeded generators; deterministic
+algorithms are requested). On CUDA, mixed precision and cuDNN autotuning trade bitwise
+repeatability for speed, as usual.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from radflow.augment import AugmentSettings, augment_batch
+from radflow.data import BatchIterator
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Mirrors config `train:`; `model` mirrors config `model:`."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    mixed_precision: bool = True  # CUDA only: bf16 where supported, else fp16 + loss scaling
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    eval_batch_size: int = 64
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    model: dict = field(default_factory=lambda: {"depth": 18, "base_width": 64, "dropout": 0.0})
+
+    @classmethod
+    def from_config(cls, train_cfg: dict, model_cfg: dict, seed: int) -> TrainSettings:
+        cfg = dict(train_cfg)
+        augment = AugmentSettings.from_config(cfg.pop("augment", {}))
+        return cls(**cfg, augment=augment, model=dict(model_cfg), seed=seed)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"train.device is {requested!r} but PyTorch sees no CUDA device "
+            f"(torch {torch.__version__}); set train.device: auto or cpu, or install a CUDA build"
+        )
+    return device
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, threads))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def predict_logits(
+    model,
+    images: np.ndarray,
+    device: torch.device,
+    batch_size: int,
+    channels_last: bool = False,
+    autocast_dtype=None,
+) -> torch.Tensor:
+    """Raw model outputs (on the CPU, float32) for an array of cases (N, C, *spatial)."""
+    model.eval()
+    logits = []
+    dummy_targets = np.zeros(len(images), dtype=np.int64)
+    loader = BatchIterator(
+        images, dummy_targets, np.arange(len(images)), batch_size, pin_memory=device.type == "cuda"
+    )
+    for x, _ in loader:
+        x = _to_device(x, device, channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits.append(model(x).float().cpu())
+    return torch.cat(logits) if logits else torch.empty(0)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True).float()
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def train_model(
+    task,
+    train_images: np.ndarray,
+    train_targets: np.ndarray,
+    val_images: np.ndarray,
+    val_targets: np.ndarray,
+    settings: TrainSettings,
+    *,
+    threads: int = 1,
+    checkpoint_path: str | os.PathLike,
+    progress: Callable | None = None,
+) -> pd.DataFrame:
+    """Train `task`'s model; keep the checkpoint with the best validation `task.monitor`.
+
+    Images: (N, C, *spatial) arrays (float16/32, memory maps allowed); targets: (N,) ints.
+    Writes `checkpoint_path` (atomically) holding the best weights, the settings and the
+    epoch; returns the per-epoch history. `progress` wraps the epoch range (e.g. tqdm).
+    """
+    # ---- switches: device, precision, memory format
+    device = resolve_device(settings.device)
+    seed_everything(settings.seed, threads)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+    autocast_dtype = None
+    if on_cuda and settings.mixed_precision:
+        autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+    spatial_dims = train_images.ndim - 2
+    channels_last = on_cuda and settings.channels_last and spatial_dims == 2
+
+    model = task.build_model(
+        settings.model, in_channels=train_images.shape[1], spatial_dims=spatial_dims
+    ).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if settings.compile else model
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # norms and biases
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=settings.learning_rate,
+        fused=on_cuda,
+    )
+    steps_per_epoch = math.ceil(len(train_images) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    warmup_steps = max(1, round(settings.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, warmup_steps, total_steps)
+    )
+    order_rng = np.random.default_rng(settings.seed)
+    augment_gen = torch.Generator(device=device).manual_seed(settings.seed)
+
+    history = []
+    best = -math.inf
+    epochs = range(1, settings.epochs + 1)
+    for epoch in progress(epochs) if progress else epochs:
+        # ---- train one epoch
+        model.train()
+        t_epoch = time.perf_counter()
+        data_wait, loss_sum, seen = 0.0, 0.0, 0
+        loader = BatchIterator(
+            train_images,
+            train_targets,
+            order_rng.permutation(len(train_images)),
+            settings.batch_size,
+            pin_memory=on_cuda,
+        )
+        t_data = time.perf_counter()
+        for x, y in loader:
+            x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
+            data_wait += time.perf_counter() - t_data
+            x = augment_batch(x, settings.augment, augment_gen)
+            with torch.autocast(
+                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
+                loss = task.loss(step_model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
+            t_data = time.perf_counter()
+        train_time = time.perf_counter() - t_epoch
+
+        # ---- validate
+        val_logits = predict_logits(
+            model, val_images, device, settings.eval_batch_size, channels_last, autocast_dtype
+        )
+        val_out = task.outputs(val_logits).numpy()
+        val_loss = float(task.loss(val_logits, torch.as_tensor(val_targets)))
+        monitor = task.monitor_value(np.asarray(val_targets), val_out)
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(1, seen),
+            "val_loss": val_loss,
+            task.monitor: monitor,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": time.perf_counter() - t_epoch,
+            "images_per_s": seen / max(train_time, 1e-9),
+            "data_wait_fraction": data_wait / max(train_time, 1e-9),
+        }
+        history.append(row)
+        score = monitor if not math.isnan(monitor) else -val_loss
+        if score > best:
+            best = score
+            _save_checkpoint(checkpoint_path, model, settings, task, epoch, row)
+    return pd.DataFrame(history)
+
+
+def _save_checkpoint(path, model, settings: TrainSettings, task, epoch: int, row: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(
+        {
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "task": task.name,
+            "settings": asdict(settings),
+            "epoch": epoch,
+            "metrics": row,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def load_model(
+    checkpoint_path: str | os.PathLike,
+    task,
+    *,
+    in_channels: int,
+    spatial_dims: int,
+    device: torch.device,
+):
+    """Rebuild a trained model from its checkpoint (weights only; no pickled code)."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    model = task.build_model(
+        checkpoint["settings"]["model"], in_channels=in_channels, spatial_dims=spatial_dims
+    )
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), checkpoint
+
+
+# ------------------------------------------------------------------ stage entry
+def run_fold(
+    preprocessed_dirs,
+    folds_table,
+    fold: int,
+    *,
+    task_name: str,
+    settings: TrainSettings,
+    threads: int,
+    model_path,
+    history_path,
+) -> pd.DataFrame:
+    """The train stage for one fold: fit on the other dev folds, select on this one.
+
+    Inputs: the preprocess shard folders and the split table. Outputs: the best
+    checkpoint at `model_path` and the per-epoch history table at `history_path`.
+    """
+    from radflow import conventions as C
+    from radflow.data import PreprocessedStore
+    from radflow.runlog import progress
+    from radflow.split import fold_members
+    from radflow.tasks import get_task
+
+    task = get_task(task_name, label_smoothing=settings.label_smoothing)
+    store = PreprocessedStore(preprocessed_dirs)
+    folds = pd.read_csv(folds_table, sep="\t", dtype={C.SERIES_PID: str, C.PATIENT_PID: str})
+    available = folds[folds[C.SERIES_PID].map(store.__contains__)]
+    if len(available) < len(folds):
+        print(
+            f"{len(folds) - len(available)} split cases have no preprocessed image "
+            "(conversion failed or excluded); they are left out"
+        )
+    train_rows, val_rows, _ = fold_members(available, fold)
+    if train_rows.empty or val_rows.empty:
+        raise ValueError(
+            f"fold {fold} has {len(train_rows)} training and {len(val_rows)} "
+            "validation cases; check split.n_folds against the cohort size"
+        )
+    # the training set is held in memory (float16) when it fits, else read from the maps
+    train_images = store.gather(list(train_rows[C.SERIES_PID]))
+    val_images = store.gather(list(val_rows[C.SERIES_PID]))
+    device = resolve_device(settings.device)
+    print(
+        f"fold {fold}: {len(train_rows)} training cases "
+        f"({int(train_rows[C.LABEL].sum())} positive), {len(val_rows)} validation cases "
+        f"({int(val_rows[C.LABEL].sum())} positive); device {device}, {threads} threads; "
+        f"model {task.name} depth {settings.model.get('depth')} "
+        f"width {settings.model.get('base_width')}"
+    )
+    history = train_model(
+        task,
+        train_images,
+        train_rows[C.LABEL].to_numpy(),
+        val_images,
+        val_rows[C.LABEL].to_numpy(),
+        settings,
+        threads=threads,
+        checkpoint_path=model_path,
+        progress=lambda epochs: progress(epochs, desc=f"train fold {fold}", unit="epoch"),
+    )
+    history.insert(0, C.FOLD, fold)
+    tmp = Path(history_path).with_name(f".{Path(history_path).name}.tmp")
+    history.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    os.replace(tmp, history_path)
+    best = (
+        history.loc[history[task.monitor].idxmax()]
+        if history[task.monitor].notna().any()
+        else history.iloc[-1]
+    )
+    print(
+        f"fold {fold}: best epoch {int(best['epoch'])} {task.monitor} {best[task.monitor]:.4f}; "
+        f"mean {history['images_per_s'].mean():.1f} images/s, "
+        f"data wait {100 * history['data_wait_fraction'].mean():.1f}% of step time"
+    )
+    return history
