@@ -57,11 +57,17 @@ def pseudonym(key: bytes, kind: str, identifier: str) -> str:
     return f"{kind}-{digest[:PSEUDONYM_HEX_CHARS]}"
 
 
-def load_or_create_key(key_file: str | os.PathLike) -> tuple[bytes, bool]:
-    """Read the pseudonymisation key, creating a random one (mode 0600) if absent.
+def load_or_create_key(
+    key_file: str | os.PathLike, *, derive_from: str | None = None
+) -> tuple[bytes, bool]:
+    """Read the pseudonymisation key, creating it (mode 0600) if absent.
 
-    Returns (key, created). The key file must live outside results/ and never be
-    committed: whoever holds it can re-link pseudonyms to patients.
+    Returns (key, created). A new key is random, unless `derive_from` is given: then it
+    is a hash of that text. Only the synthetic demo uses that (its patients are fake, so
+    there is nothing to protect, and a fixed key makes the demo's pseudonyms, and thus
+    its split and results, the same on every machine). For real data the key must be
+    random, live outside results/ and never be committed: whoever holds it can re-link
+    pseudonyms to patients.
     """
     path = Path(key_file)
     if path.exists():
@@ -73,7 +79,10 @@ def load_or_create_key(key_file: str | os.PathLike) -> tuple[bytes, bool]:
             )
         return key, False
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32).encode()
+    if derive_from is None:
+        key = secrets.token_hex(32).encode()
+    else:
+        key = hashlib.sha256(f"radflow-demo-key:{derive_from}".encode()).hexdigest().encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(key + b"\n")

@@ -177,12 +177,14 @@ def average_precision(y_true: ArrayLike, y_score: ArrayLike) -> float:
 def youden_threshold(y_true: ArrayLike, y_score: ArrayLike) -> float:
     """Score threshold maximising Youden's J = sensitivity + specificity - 1.
 
-    Candidates are the observed distinct scores, applied as "positive if score >=
-    threshold" (as in ``confusion_at``), so the returned value is one of the scores.
-    Ties in J go to the *higher* threshold: among equally good operating points the one
-    calling fewer cases positive. J is compared in exact integer arithmetic
-    (tp * n_neg - fp * n_pos), so mathematically equal J values do tie. NaN when only one
-    class is present.
+    Applied as "positive if score >= threshold" (as in ``confusion_at``). J only changes at
+    observed scores, so it is flat over the gap between the best observed score t* and
+    the next lower one; the threshold is placed in the middle of that gap. On the data it
+    is chosen from this gives the same calls as t*, but on new data it does not sit right
+    at the weakest called positive (on a perfectly separated validation fold, t* is the
+    lowest positive score, and every slightly weaker positive would be missed). Among
+    equal J, the highest t* wins (fewer cases called positive). J is compared in exact
+    integer arithmetic (tp * n_neg - fp * n_pos). NaN when only one class is present.
     """
     y, p = _check(y_true, y_score)
     if y.size == 0:
@@ -193,7 +195,10 @@ def youden_threshold(y_true: ArrayLike, y_score: ArrayLike) -> float:
         return float("nan")
     j_scaled = tps * n_neg - fps * n_pos
     # argmax returns the first maximum and thresholds decrease: the highest one wins.
-    return float(thr[int(np.argmax(j_scaled))])
+    best = int(np.argmax(j_scaled))
+    if best + 1 < len(thr):
+        return float((thr[best] + thr[best + 1]) / 2)
+    return float(thr[best])
 
 
 def confusion_at(
