@@ -126,8 +126,16 @@ def run_cam_figures(
     ]
     counts = {}
     for outcome, out_path in (("TP", out_true_positive), ("FP", out_false_positive)):
-        chosen = test[test[C.OUTCOME] == outcome].sort_values(C.PROB, ascending=False)
-        chosen = chosen.head(n_cases)
+        chosen = test[test[C.OUTCOME] == outcome]
+        shown = f"test {outcome}"
+        if chosen.empty:
+            # nothing called wrongly/rightly at the threshold: the closest calls are the
+            # most informative (highest-scored cases of the class the outcome belongs to)
+            chosen = test[test[C.LABEL] == (1 if outcome == "TP" else 0)]
+            shown = (
+                f"no test {outcome} at the threshold; highest-scored label-{int(outcome == 'TP')}"
+            )
+        chosen = chosen.sort_values(C.PROB, ascending=False).head(n_cases)
         images = store.gather(list(chosen[C.SERIES_PID])) if len(chosen) else None
         cams = ensemble_cam(models, images, layer) if len(chosen) else []
         items, hits, annotated = [], 0, 0
@@ -145,7 +153,7 @@ def run_cam_figures(
                     "circles": marks,
                 }
             )
-        title = f"Grad-CAM ({layer}, mean of {len(models)} fold models): test {outcome}"
+        title = f"Grad-CAM ({layer}, mean of {len(models)} fold models): {shown}"
         if annotated:
             title += f"; CAM peak on a lesion in {hits}/{annotated}"
         plot_cam_grid(items, out_path, title)

@@ -188,3 +188,39 @@ def test_bad_config_fails_at_once_naming_the_key(tmp_path):
     assert done.returncode != 0 and "data.dicom_root" in done.stderr + done.stdout
     assert not (tmp_path / "results").exists()
     shutil.rmtree(tmp_path / "private", ignore_errors=True)
+
+
+def test_own_data_runs_the_same_study_and_new_files_rerun_the_index(tmp_path):
+    """A user's export (here a synthetic one written beforehand) with synthesize off."""
+    from synth_cohort import make_cohort
+
+    dicom, labels, lesions = make_cohort(tmp_path / "export", n_patients=28, seed=3)
+    own = _override(
+        tmp_path,
+        "own",
+        {
+            "synthesize": {"enabled": False},
+            "data": {
+                "dicom_root": str(dicom),
+                "labels_table": str(labels),
+                "label_key": "AccessionNumber",
+                "label_column": "finding",
+                "positive_value": "nodule",
+                "annotations_table": str(lesions),
+            },
+            "deid": {"key_file": str(tmp_path / "secret" / "study.key")},
+        },
+    )
+    workdir = tmp_path / "study"
+    workdir.mkdir()
+    planned = planned_jobs(workdir, [own])
+    assert "synthesize" not in planned and planned["train"] == 2
+    snakemake(workdir, configs=[own])
+    assert (workdir / "results" / "evaluate" / "metrics.json").exists()
+    assert (tmp_path / "secret" / "study.key").stat().st_mode & 0o077 == 0  # private key
+    assert planned_jobs(workdir, [own]) == {}
+    # a new file in the export changes the tree fingerprint: the index reruns
+    extra = next(p for p in dicom.rglob("IM*") if p.stat().st_size > 10_000)
+    (dicom / "late_arrival").mkdir()
+    shutil.copy(extra, dicom / "late_arrival" / "IM_copy")
+    assert "index" in planned_jobs(workdir, [own])
