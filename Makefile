@@ -14,7 +14,7 @@ TORCH_GPU ?= torch>=2.4
 TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: demo test lint report clean help
+.PHONY: demo test lint report readme-result clean help
 
 help:
 	@echo "make demo  - install into $(VENV) and run the study on the synthetic cohort"
@@ -50,6 +50,10 @@ lint: $(VENV)/.installed
 
 report: $(VENV)/.installed
 	$(BIN)/snakemake --cores 1 --report results/report.html
+
+# after `make demo`: write the measured result into README.md's result block
+readme-result: $(VENV)/.installed
+	$(BIN)/python -m radflow.summary results/evaluate/metrics.json --update-readme README.md
 
 clean:
 	rm -rf results .snakemake

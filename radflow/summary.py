@@ -1,9 +1,28 @@
-"""Print a study's headline result: `python -m radflow.summary results/evaluate/metrics.json`."""
+"""A study's headline result, for the terminal and for the README.
+
+    python -m radflow.summary [results/evaluate/metrics.json]
+    python -m radflow.summary results/evaluate/metrics.json --update-readme README.md
+
+The second form rewrites the block between the README's `demo-result` markers from the
+measured metrics, so the figures quoted there are never typed by hand.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import re
+from pathlib import Path
+
+START, END = "<!-- demo-result:start -->", "<!-- demo-result:end -->"
+ROWS = (
+    ("auroc", "AUROC"),
+    ("auprc", "AUPRC"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("brier", "Brier score"),
+    ("ece", "expected calibration error"),
+)
 
 
 def headline(metrics: dict) -> str:
@@ -12,7 +31,7 @@ def headline(metrics: dict) -> str:
         f"Ensemble of {ens['n_folds']} fold models on the held-out test set "
         f"({ens['n_cases']} images, {ens['n_patients']} patients, {ens['n_positive']} positive):"
     ]
-    for name in ("auroc", "auprc", "sensitivity", "specificity", "brier", "ece"):
+    for name, _ in ROWS:
         m = ens[name]
         lines.append(
             f"  {name:<12} {m['value']:.3f}  (95% CI {m['ci_low']:.3f}-{m['ci_high']:.3f})"
@@ -21,7 +40,50 @@ def headline(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def readme_block(metrics: dict) -> str:
+    ens = metrics["ensemble_test"]
+    level = round(100 * (1 - metrics["settings"]["alpha"]))
+    lines = [
+        f"| ensemble of {ens['n_folds']} fold models, held-out test set "
+        f"({ens['n_cases']} images, {ens['n_patients']} patients, {ens['n_positive']} positive) "
+        f"| value | {level}% CI (patient bootstrap) |",
+        "| --- | --- | --- |",
+    ]
+    for name, label in ROWS:
+        m = ens[name]
+        lines.append(f"| {label} | {m['value']:.3f} | {m['ci_low']:.3f}-{m['ci_high']:.3f} |")
+    lines.append(
+        f"| operating threshold (Youden, out-of-fold validation) | {ens['threshold']:.3f} | |"
+    )
+    fold_aurocs = [f["test_auroc"] for f in metrics["folds"]]
+    lines.append(
+        f"| single fold models, test AUROC | {min(fold_aurocs):.3f}-{max(fold_aurocs):.3f} | |"
+    )
+    return "\n".join(lines)
+
+
+def update_readme(readme: str | Path, metrics: dict) -> None:
+    path = Path(readme)
+    text = path.read_text()
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{path} has no {START} ... {END} block to update")
+    path.write_text(pattern.sub(lambda _: f"{START}\n{readme_block(metrics)}\n{END}", text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Print (or write into the README) a study's result."
+    )
+    parser.add_argument("metrics", nargs="?", default="results/evaluate/metrics.json")
+    parser.add_argument("--update-readme", metavar="README")
+    args = parser.parse_args()
+    metrics = json.loads(Path(args.metrics).read_text())
+    print(headline(metrics))
+    if args.update_readme:
+        update_readme(args.update_readme, metrics)
+        print(f"updated the result block of {args.update_readme}")
+
+
 if __name__ == "__main__":
-    path = sys.argv[1] if len(sys.argv) > 1 else "results/evaluate/metrics.json"
-    with open(path) as fh:
-        print(headline(json.load(fh)))
+    main()
