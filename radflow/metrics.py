@@ -87,6 +87,19 @@ def _clf_curve(
     return fps, tps, p_sorted[idx]
 
 
+def _two_class_counts(y_true: ArrayLike, y_score: ArrayLike):
+    """(fps, tps, thresholds, n_pos, n_neg) of ``_clf_curve``, or None when the data are
+    empty or hold a single class (every rank-based metric is undefined then)."""
+    y, p = _check(y_true, y_score)
+    if y.size == 0:
+        return None
+    fps, tps, thr = _clf_curve(y, p)
+    n_pos, n_neg = int(tps[-1]), int(fps[-1])
+    if n_pos == 0 or n_neg == 0:
+        return None
+    return fps, tps, thr, n_pos, n_neg
+
+
 # ----------------------------------------------------------------- ROC and PR
 def roc_curve(
     y_true: ArrayLike, y_score: ArrayLike, *, drop_intermediate: bool = True
@@ -121,13 +134,10 @@ def roc_auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
     counting one half (the midrank tie correction). Equals ``roc_auc_score``. NaN when
     only one class is present.
     """
-    y, p = _check(y_true, y_score)
-    if y.size == 0:
+    counts = _two_class_counts(y_true, y_score)
+    if counts is None:
         return float("nan")
-    fps, tps, _ = _clf_curve(y, p)
-    n_pos, n_neg = int(tps[-1]), int(fps[-1])
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
+    fps, tps, _, n_pos, n_neg = counts
     d_tp = np.diff(tps, prepend=0)
     d_fp = np.diff(fps, prepend=0)
     # Positives in a tie group beat the negatives scored strictly lower (n_neg - fps)
@@ -186,13 +196,10 @@ def youden_threshold(y_true: ArrayLike, y_score: ArrayLike) -> float:
     equal J, the highest t* wins (fewer cases called positive). J is compared in exact
     integer arithmetic (tp * n_neg - fp * n_pos). NaN when only one class is present.
     """
-    y, p = _check(y_true, y_score)
-    if y.size == 0:
+    counts = _two_class_counts(y_true, y_score)
+    if counts is None:
         return float("nan")
-    fps, tps, thr = _clf_curve(y, p)
-    n_pos, n_neg = int(tps[-1]), int(fps[-1])
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
+    fps, tps, thr, n_pos, n_neg = counts
     j_scaled = tps * n_neg - fps * n_pos
     # argmax returns the first maximum and thresholds decrease: the highest one wins.
     best = int(np.argmax(j_scaled))

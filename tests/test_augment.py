@@ -4,6 +4,16 @@ import torch
 
 from radflow.augment import AugmentSettings, augment_batch
 
+NEUTRAL = AugmentSettings(
+    rotation_deg=0,
+    scale=(1, 1),
+    translate_fraction=0,
+    brightness=0,
+    contrast=(1, 1),
+    gamma=(1, 1),
+    noise_std=0,
+)
+
 
 def _batch():
     x = torch.zeros(4, 1, 32, 32)
@@ -18,17 +28,8 @@ def test_disabled_augmentation_is_identity():
 
 
 def test_zero_ranges_reproduce_the_input():
-    neutral = AugmentSettings(
-        rotation_deg=0,
-        scale=(1, 1),
-        translate_fraction=0,
-        brightness=0,
-        contrast=(1, 1),
-        gamma=(1, 1),
-        noise_std=0,
-    )
     x = _batch()
-    out = augment_batch(x, neutral, torch.Generator().manual_seed(0))
+    out = augment_batch(x, NEUTRAL, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
 
 
@@ -41,17 +42,6 @@ def test_augmentation_is_seeded_and_varies_per_image():
 
 
 def test_horizontal_flip_moves_the_structure():
-    flip = dataclasses.replace(
-        AugmentSettings(
-            rotation_deg=0,
-            scale=(1, 1),
-            translate_fraction=0,
-            brightness=0,
-            contrast=(1, 1),
-            gamma=(1, 1),
-            noise_std=0,
-        ),
-        hflip_probability=1.0,
-    )
+    flip = dataclasses.replace(NEUTRAL, hflip_probability=1.0)
     out = augment_batch(_batch(), flip, torch.Generator().manual_seed(0))
     assert out[0, 0, 8:12, 8:12].mean() > 0.9 and out[0, 0, 8:12, 20:24].mean() < 0.1
