@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -409,7 +410,8 @@ def plot_cam_grid(
     n_rows = max(1, math.ceil(n / n_cols))
     with mpl.rc_context({**_STYLE, "axes.grid": False}):
         fig = _new_figure((3.0 * n_cols, 3.3 * n_rows + 0.5))
-        fig.suptitle(title)
+        # wrap long titles to the grid's width so narrow grids do not clip them
+        fig.suptitle(textwrap.fill(title, width=max(40, 34 * n_cols)))
         if n == 0:
             _message(fig.add_subplot(), "no cases in this category")
             return _save(fig, path)

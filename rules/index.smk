@@ -6,7 +6,12 @@ rule index:
         key=KEY_FILE,
     output:
         series=f"{RESULTS}/index/{C.SERIES_TABLE}",
-        quarantine=f"{RESULTS}/index/{C.QUARANTINE_TABLE}",
+        quarantine=report(
+            f"{RESULTS}/index/{C.QUARANTINE_TABLE}",
+            caption="../report/quarantine.rst",
+            category="Data",
+            labels={"table": "files and images left out"},
+        ),
         annotations=f"{RESULTS}/index/{C.ANNOTATIONS_TABLE}",
         summary=f"{RESULTS}/index/{C.INDEX_SUMMARY}",
         quarantine_paths=f"{PRIVATE}/{C.QUARANTINE_PATHS}",
