@@ -23,7 +23,7 @@ class AugmentSettings:
     scale: tuple[float, float] = (0.9, 1.1)
     translate_fraction: float = 0.06
     hflip_probability: float = 0.0
-    brightness: float = 0.1
+    brightness: float = 0.1  # in normalised units (a tenth of the X-ray/CT [0, 1] range)
     contrast: tuple[float, float] = (0.8, 1.2)
     gamma: tuple[float, float] = (0.8, 1.25)
     noise_std: float = 0.03
@@ -44,7 +44,7 @@ def _uniform(n: int, low: float, high: float, generator, device) -> torch.Tensor
 def augment_batch(
     x: torch.Tensor, settings: AugmentSettings, generator: torch.Generator
 ) -> torch.Tensor:
-    """Augment a batch (B, C, H, W) of images normalised to about [0, 1].
+    """Augment a batch (B, C, H, W) of normalised images (any intensity scale).
 
     `generator` must live on x's device; it makes the augmentation reproducible.
     Spatial and intensity transforms are drawn independently per image.
@@ -69,11 +69,19 @@ def augment_batch(
         1,
     ).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
+    # pad with each image's own background (its minimum), whatever the intensity scale
     view = (n, 1, 1, 1)
+    low = x.amin(dim=(1, 2, 3), keepdim=True)
+    high = x.amax(dim=(1, 2, 3), keepdim=True)
+    out = (
+        F.grid_sample(x - low, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        + low
+    )
+
+    # gamma acts on the image's own [min, max] range, so z-scored (MR) images survive it
     gamma = torch.exp(_uniform(n, *map(math.log, settings.gamma), generator, device)).view(view)
-    out = out.clamp(0, 1) ** gamma.to(out.dtype)
+    span = (high - low).clamp_min(1e-6)
+    out = ((out - low) / span).clamp(0, 1) ** gamma.to(out.dtype) * span + low
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     contrast = _uniform(n, *settings.contrast, generator, device).view(view).to(out.dtype)
     brightness = _uniform(n, -settings.brightness, settings.brightness, generator, device)

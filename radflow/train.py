@@ -295,7 +295,7 @@ def run_fold(
             f"fold {fold} has {len(train_rows)} training and {len(val_rows)} "
             "validation cases; check split.n_folds against the cohort size"
         )
-    # the training set is held in memory (float16) when it fits, else read from the maps
+    # gathered into RAM once (float16): batches then cost one fancy-index copy each
     train_images = store.gather(list(train_rows[C.SERIES_PID]))
     val_images = store.gather(list(val_rows[C.SERIES_PID]))
     device = resolve_device(settings.device)

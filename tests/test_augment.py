@@ -45,3 +45,13 @@ def test_horizontal_flip_moves_the_structure():
     flip = dataclasses.replace(NEUTRAL, hflip_probability=1.0)
     out = augment_batch(_batch(), flip, torch.Generator().manual_seed(0))
     assert out[0, 0, 8:12, 8:12].mean() > 0.9 and out[0, 0, 8:12, 20:24].mean() < 0.1
+
+
+def test_zscored_images_keep_their_scale_and_background():
+    x = torch.full((2, 1, 32, 32), -1.5)  # z-scored MR-like: background well below 0
+    x[:, :, 10:20, 10:20] = 2.0
+    settings = dataclasses.replace(NEUTRAL, rotation_deg=30, gamma=(0.7, 1.4))
+    out = augment_batch(x, settings, torch.Generator().manual_seed(0))
+    assert out.min() >= -1.5 - 1e-5 and out.max() <= 2.0 + 1e-5
+    assert out[:, :, 0, 0].allclose(torch.tensor(-1.5))  # rotated-in corners are background
+    assert (out > 1.9).sum() > 100  # the bright square was not clamped away

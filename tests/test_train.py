@@ -103,7 +103,7 @@ def test_cpu_training_is_repeatable(tmp_path):
 def test_grad_cam_points_at_the_signal(trained):
     task, _, path, (vx, vy, centres) = trained
     model, _ = load_model(path, task, in_channels=1, spatial_dims=2, device=torch.device("cpu"))
-    positives = np.flatnonzero(vy == 1)[:12]
+    positives = np.flatnonzero(vy == 1)
     cams = ensemble_cam([model], vx[positives], "layer1")
     assert cams.shape == (len(positives), SIZE, SIZE)
     assert cams.min() >= 0 and cams.max() <= 1
@@ -111,7 +111,10 @@ def test_grad_cam_points_at_the_signal(trained):
         cam_hits_lesion(cam, [(*centres[i], 3.0)], margin_px=3)
         for cam, i in zip(cams, positives, strict=True)
     ]
-    assert np.mean(hits) >= 0.75
+    # a hit disc of radius 6 px covers pi*36/1024 = 11% of the image: a map unrelated to
+    # the blob hits about one case in nine, not half of them
+    chance = np.pi * 6**2 / SIZE**2
+    assert np.mean(hits) >= max(0.5, 4 * chance)
 
 
 def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
