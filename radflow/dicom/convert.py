@@ -33,25 +33,25 @@ records "inverted_monochrome1": true).
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pydicom
+from pydicom.pixels import pixel_array
 
 from radflow import conventions as C
 from radflow.deid import quiet_pydicom, sidecar_fields
 from radflow.dicom import radflow_version
 from radflow.dicom.index import read_shard_files, write_bytes_atomic, write_tsv
+from radflow.dicom.nifti import write_nifti
 
 #: Largest allowed deviation of a slice step from the median step: max(absolute, relative
 #: * median). Positions are written with ~0.001 mm precision; real gaps are >= 0.1 mm.
@@ -61,6 +61,9 @@ SLICE_STEP_TOLERANCE_REL = 0.01
 SAME_POSITION_MM = 1e-3
 #: Largest difference between direction cosines of slices of one unit.
 ORIENTATION_TOLERANCE = 1e-4
+
+#: Header values longer than this are not read by `read_headers` (only pixel data is so long).
+_DEFER_BYTES = 64 * 1024
 
 MANIFEST_COLUMNS = [C.SERIES_PID, C.STATUS, C.REASON, "ndim", "shape", "spacing_mm", "dtype"]
 
@@ -276,12 +279,35 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
     return photometrics.pop()
 
 
-def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[str, Any]]:
+def decode_slice(path: str | os.PathLike, header: pydicom.Dataset) -> np.ndarray:
+    """The stored pixel values of one single-frame DICOM file, (rows, columns).
+
+    Input: the file and its header (read by `read_headers`, for the transfer syntax).
+    pydicom reads only the pixel module and the pixel data, nothing stays cached, so a
+    unit's files are decoded one at a time without holding their pixel data.
+    """
+    syntax = getattr(header, "file_meta", {}).get("TransferSyntaxUID")
+    options = {"transfer_syntax_uid": syntax} if syntax else {}
+    return pixel_array(os.fspath(path), **options)
+
+
+def read_headers(paths: Sequence[str | os.PathLike]) -> list[pydicom.Dataset]:
+    """The DICOM headers of `paths`; pixel data is not read (deferred: present in the
+    dataset, its value read only if accessed)."""
+    return [pydicom.dcmread(os.fspath(p), defer_size=_DEFER_BYTES) for p in paths]
+
+
+def build_volume(
+    datasets: Sequence[pydicom.Dataset], read_pixels: Callable[[int], np.ndarray]
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Rescaled (and MONOCHROME1-inverted) pixel values of slices in the given order.
 
-    Input: datasets with pixel data, already in slice order. Output: array of shape
-    (slices, rows, columns) in DICOM display order, dtype int16/int32 (integral rescale)
-    or float32, in rescaled units (HU for CT); and notes for the sidecar.
+    Inputs: the slices' headers, already in slice order, and `read_pixels(k)` giving the
+    stored pixel values (rows, columns) of slice k. The slices are decoded one at a time
+    straight into the output array. Output: array of shape (slices, rows, columns) in
+    DICOM display order, in rescaled units (HU for CT): float32 unless every slope and
+    intercept is an integer; then int16 if every value fits, else int32 (only when a slice
+    needs it, the slices before are widened once); and notes for the sidecar.
     """
     photometric = _check_pixels(datasets)
     rescales = [_rescale(ds) for ds in datasets]
@@ -295,25 +321,28 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
     integral = all(float(s).is_integer() and float(b).is_integer() for s, b in rescales)
     integral = integral and -(2**31) <= lo_possible and hi_possible < 2**31
     work_dtype = np.int64 if integral else np.float64
+    inverted = photometric == "MONOCHROME1"
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
-    # float32 output; int32 holds every integral result (range checked above)
-    volume = np.empty((len(datasets), rows, cols), np.int32 if integral else np.float32)
-    for k, (ds, (slope, intercept)) in enumerate(zip(datasets, rescales, strict=True)):
-        pixels = np.asarray(ds.pixel_array)
+    int16 = np.iinfo(np.int16)
+    volume = np.empty((len(datasets), rows, cols), np.int16 if integral else np.float32)
+    for k, (slope, intercept) in enumerate(rescales):
+        pixels = np.asarray(read_pixels(k))
         if pixels.shape != (rows, cols):
             raise ConversionError(f"pixel data shape {pixels.shape} does not match Rows/Columns")
         values = pixels.astype(work_dtype) * work_dtype(slope) + work_dtype(intercept)
+        if not integral:
+            values = values.astype(np.float32)
+            if inverted:
+                values = (np.float64(lo_possible + hi_possible) - values).astype(np.float32)
+            volume[k] = values
+            continue
+        values = values.astype(np.int32)  # every integral result fits (range checked above)
+        if inverted:
+            values = (int(lo_possible) + int(hi_possible)) - values
+        if volume.dtype == np.int16 and values.size:
+            if values.min() < int16.min or values.max() > int16.max:
+                volume = volume.astype(np.int32)  # once, when a slice first needs it
         volume[k] = values
-    inverted = photometric == "MONOCHROME1"
-    if inverted:
-        if integral:
-            volume = (int(lo_possible) + int(hi_possible)) - volume
-        else:
-            volume = (np.float64(lo_possible + hi_possible) - volume).astype(np.float32)
-    if integral:
-        vmin, vmax = (int(volume.min()), int(volume.max())) if volume.size else (0, 0)
-        if np.iinfo(np.int16).min <= vmin and vmax <= np.iinfo(np.int16).max:
-            volume = volume.astype(np.int16)
     notes = {
         "inverted_monochrome1": inverted,
         "rescale_applied": any(s != 1 or b != 0 for s, b in rescales),
@@ -322,28 +351,6 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
     if inverted:
         notes["monochrome1_inversion"] = f"value -> {lo_possible:g} + {hi_possible:g} - value"
     return volume, notes
-
-
-def nifti_bytes(volume: np.ndarray, affine: np.ndarray, compression_level: int = 6) -> bytes:
-    """A gzipped NIfTI-1 file of `volume` (slices, rows, cols) with the given RAS affine.
-
-    qform and sform both hold the affine (code 1, scanner), units are mm, descrip is
-    "radflow <version>" and the other free-text fields are empty. The gzip header has no
-    name and mtime 0, so identical inputs give identical bytes.
-    """
-    data = np.asarray(volume).transpose(2, 1, 0)  # (k, row, col) -> (i=col, j=row, k)
-    image = nib.Nifti1Image(data, affine)
-    header = image.header
-    header.set_data_dtype(data.dtype)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    header.set_xyzt_units(xyz="mm")
-    header["descrip"] = f"radflow {radflow_version()}"[:79].encode()
-    header["intent_name"] = b""
-    header["aux_file"] = b""
-    header["db_name"] = b""
-    header.set_slope_inter(1.0, 0.0)
-    return gzip.compress(image.to_bytes(), compresslevel=compression_level, mtime=0)
 
 
 def _short_error(exc: BaseException, secrets: Sequence[str]) -> str:
@@ -365,12 +372,15 @@ def convert_unit(
     dicom_root: str | os.PathLike,
     out_dir: str | os.PathLike,
     compression_level: int = 6,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Convert one image unit; never raises for a bad unit.
 
-    Inputs: the unit's pseudonym and modality, its files (relative to `dicom_root`).
+    Inputs: the unit's pseudonym and modality, its files (relative to `dicom_root`), the
+    gzip level and the number of threads that compress the NIfTI.
     Outputs: `<out_dir>/<series_pid>.nii.gz` and `.json`, written atomically (stale ones
     removed if the unit fails). Returns its manifest row (MANIFEST_COLUMNS).
+    Memory: the headers, the output volume and one decoded slice at a time.
     """
     out = Path(out_dir)
     nifti_path = out / f"{series_pid}{C.NIFTI_SUFFIX}"
@@ -379,15 +389,17 @@ def convert_unit(
     row[C.SERIES_PID] = series_pid
     try:
         with quiet_pydicom():
-            datasets = [pydicom.dcmread(os.path.join(dicom_root, p)) for p in paths]
+            files = [os.path.join(dicom_root, p) for p in paths]
+            datasets = read_headers(files)
             projection = modality in C.PROJECTION_MODALITIES
             if projection and len(datasets) != 1:
                 raise ConversionError(f"projection unit with {len(datasets)} files (expected 1)")
             _check_pixels(datasets)
             geometry = projection_geometry(datasets[0]) if projection else volume_geometry(datasets)
             ordered = [datasets[i] for i in geometry.order]
-            volume, notes = build_volume(ordered)
-        data = nifti_bytes(volume, geometry.affine, compression_level)
+            volume, notes = build_volume(
+                ordered, lambda k: decode_slice(files[geometry.order[k]], ordered[k])
+            )
         shape = (volume.shape[2], volume.shape[1], volume.shape[0])
         ndim = 2 if volume.shape[0] == 1 else 3
         sidecar = sidecar_fields(ordered[0])
@@ -404,7 +416,7 @@ def convert_unit(
                 **notes,
             }
         )
-        write_bytes_atomic(nifti_path, data)
+        write_nifti(nifti_path, volume, geometry.affine, compression_level, threads)
         write_bytes_atomic(
             sidecar_path, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode()
         )
@@ -421,10 +433,8 @@ def convert_unit(
         if isinstance(exc, ConversionError):
             reason = str(exc)
         else:
-            root = os.path.abspath(dicom_root)
-            reason = _short_error(
-                exc, [root, str(dicom_root), *paths, *map(os.path.basename, paths)]
-            )
+            roots = [os.path.realpath(dicom_root), os.path.abspath(dicom_root), str(dicom_root)]
+            reason = _short_error(exc, [*roots, *paths, *map(os.path.basename, paths)])
         row.update({C.STATUS: C.STATUS_FAILED, C.REASON: reason})
         for stale in (nifti_path, sidecar_path):
             stale.unlink(missing_ok=True)
@@ -433,6 +443,18 @@ def convert_unit(
 
 def _convert_job(args: tuple) -> dict[str, Any]:
     return convert_unit(*args)
+
+
+def plan_workers(n_units: int, threads: int) -> tuple[int, int]:
+    """How a shard uses `threads` cores: (processes, compression threads per unit).
+
+    Many units run in parallel processes with one thread each; fewer units than threads
+    share the threads out (one big unit compresses with all of them), so at most `threads`
+    threads ever compress at once.
+    """
+    threads = max(1, int(threads))
+    processes = max(1, min(threads, n_units))
+    return processes, max(1, threads // processes)
 
 
 def convert_shard(
@@ -449,30 +471,33 @@ def convert_shard(
     Outputs in `out_dir`: `<series_pid>.nii.gz` + `<series_pid>.json` per converted unit,
     and `manifest.tsv` with columns series_pid, status (ok/failed), reason, ndim (2 for a
     single slice, else 3), shape (x\\y\\z voxels as stored in the NIfTI), spacing_mm
-    (x\\y\\z) and dtype, one row per unit sorted by series_pid. Units run in `threads`
-    processes; a failed unit is listed with its reason and the others still convert.
-    Outputs of units no longer in the table are not deleted: consumers go by the manifest.
-    Returns the manifest.
+    (x\\y\\z) and dtype, one row per unit sorted by series_pid. `threads` cores are used
+    as `plan_workers` says (units with the most files start first); a failed unit is
+    listed with its reason and the others still convert. The files do not depend on
+    `threads`. Outputs of units no longer in the table are not deleted: consumers go by
+    the manifest. Returns the manifest.
     """
     table = read_shard_files(shard_files_tsv)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    groups = sorted(table.groupby(C.SERIES_PID, sort=True), key=lambda g: -len(g[1]))
+    processes, unit_threads = plan_workers(len(groups), threads)
     jobs = []
-    for series_pid, group in table.groupby(C.SERIES_PID, sort=True):
+    for series_pid, group in groups:
         paths = sorted(group[C.PATH])
         jobs.append((series_pid, group[C.MODALITY].iloc[0], paths, str(dicom_root), str(out),
-                     compression_level))  # fmt: skip
+                     compression_level, unit_threads))  # fmt: skip
     from tqdm import tqdm
 
     rows = []
     with tqdm(total=len(jobs), desc="convert", unit="unit", file=sys.stderr,
               disable=not progress) as bar:  # fmt: skip
-        if threads <= 1 or len(jobs) <= 1:
+        if processes == 1:
             for job in jobs:
                 rows.append(_convert_job(job))
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=threads) as pool:
+            with ProcessPoolExecutor(max_workers=processes) as pool:
                 futures = {pool.submit(_convert_job, job): job for job in jobs}
                 for future in as_completed(futures):
                     try:
