@@ -1,0 +1,133 @@
+"""Streamed conversion: write_nifti against the in-memory nibabel writer convert used
+before, slice-by-slice decoding (int16 -> int32 widening), and how a shard uses cores."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from radflow.dicom import radflow_version
+from radflow.dicom.convert import build_volume, plan_workers
+from radflow.dicom.nifti import write_nifti
+
+AFFINE = np.array([[-0.6, 0.1, 0, 12.5], [0, -0.8, 0.2, -3], [0, 0, 2.5, 40], [0, 0, 0, 1]])
+
+
+def reference_nifti_bytes(volume: np.ndarray, affine: np.ndarray) -> bytes:
+    """The uncompressed file as convert wrote it before streaming (whole image in nibabel)."""
+    image = nib.Nifti1Image(volume.transpose(2, 1, 0), affine)
+    image.header.set_data_dtype(volume.dtype)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units(xyz="mm")
+    image.header["descrip"] = f"radflow {radflow_version()}".encode()
+    for field in ("intent_name", "aux_file", "db_name"):
+        image.header[field] = b""
+    image.header.set_slope_inter(1.0, 0.0)
+    return image.to_bytes()
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float32])
+@pytest.mark.parametrize("shape", [(1, 5, 7), (6, 12, 10)])
+def test_write_nifti_equals_nibabel_file(tmp_path, dtype, shape):
+    rng = np.random.default_rng(3)
+    volume = (rng.normal(0, 500, shape)).astype(dtype)
+    path = write_nifti(tmp_path / "x.nii.gz", volume, AFFINE, 6, threads=2)
+    raw = gzip.decompress(path.read_bytes())
+    assert raw == reference_nifti_bytes(volume, AFFINE)
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw))
+    assert int(header["qform_code"]) == 1 and int(header["sform_code"]) == 1
+    assert header["descrip"].item() == f"radflow {radflow_version()}".encode()
+    assert header["intent_name"].item() == header["aux_file"].item() == b""
+    assert header["db_name"].item() == b""
+    assert (float(header["scl_slope"]), float(header["scl_inter"])) == (1.0, 0.0)
+    assert header.get_data_offset() == 352
+    image = nib.load(path)
+    assert image.get_data_dtype() == dtype
+    np.testing.assert_array_equal(np.asanyarray(image.dataobj), volume.transpose(2, 1, 0))
+    np.testing.assert_allclose(image.affine, AFFINE, atol=1e-5)
+
+
+def test_write_nifti_takes_views_and_is_thread_independent(tmp_path):
+    base = np.arange(4 * 70 * 90, dtype=np.int16).reshape(90, 70, 4)
+    view = base.transpose(2, 1, 0)  # not C-contiguous
+    one = write_nifti(tmp_path / "a.nii.gz", view, AFFINE, threads=1).read_bytes()
+    three = write_nifti(tmp_path / "b.nii.gz", view, AFFINE, threads=3).read_bytes()
+    assert one == three
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.load(tmp_path / "a.nii.gz").dataobj), view.transpose(2, 1, 0)
+    )
+
+
+def test_write_nifti_is_atomic(tmp_path):
+    volume = np.ones((2, 3, 4), np.int16)
+    path = write_nifti(tmp_path / "x.nii.gz", volume, AFFINE)
+    inode = os.stat(path).st_ino
+    write_nifti(path, volume, AFFINE)  # identical: the file is left as it was
+    assert os.stat(path).st_ino == inode
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="level must be 0-9"):
+        write_nifti(path, volume * 2, AFFINE, compression_level=11)
+    assert path.read_bytes() == before  # a failed write leaves the old file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.nii.gz"]  # no temporary left
+    write_nifti(path, volume * 2, AFFINE)
+    assert np.asanyarray(nib.load(path).dataobj).max() == 2
+
+
+def _header(bits_stored=16, signed=True, slope=1.0, intercept=0.0, photometric="MONOCHROME2"):
+    ds = pydicom.Dataset()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 3, 4, 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored = 16, bits_stored
+    ds.PixelRepresentation = int(signed)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = b""  # present; the values come from read_pixels
+    return ds
+
+
+def test_build_volume_decodes_slice_by_slice_and_widens_once():
+    """int16 while the values fit; a later slice beyond int16 widens the volume to int32
+    keeping the slices before, as the whole-volume conversion did."""
+    slices = [np.full((3, 4), v, np.int16) for v in (-1000, 2000, 32000)]
+    asked = []
+
+    def read(k):
+        asked.append(k)
+        return slices[k]
+
+    headers = [_header(intercept=1024) for _ in slices]
+    volume, notes = build_volume(headers, read)
+    assert asked == [0, 1, 2]
+    assert volume.dtype == np.int32
+    np.testing.assert_array_equal(volume[:, 0, 0], [24, 3024, 33024])
+    volume, _ = build_volume(headers[:2], read)
+    assert volume.dtype == np.int16
+    assert notes["rescale_applied"] is True
+
+
+def test_build_volume_monochrome1_and_float():
+    pixels = np.array([[0, 1, 2, 4095]] * 3, np.uint16)
+    inverted, notes = build_volume(
+        [_header(12, False, 2.0, -100.0, "MONOCHROME1")], lambda k: pixels
+    )
+    np.testing.assert_array_equal(inverted[0], (-100 + 8090) - (2 * pixels.astype(int) - 100))
+    assert inverted.dtype == np.int16 and notes["inverted_monochrome1"] is True
+    floats, _ = build_volume([_header(12, False, 0.5, -1024.5)], lambda k: pixels)
+    assert floats.dtype == np.float32
+    np.testing.assert_array_equal(floats[0], pixels * 0.5 - 1024.5)
+
+
+@pytest.mark.parametrize(
+    "units, threads, expected",
+    [(1, 4, (1, 4)), (10, 4, (4, 1)), (2, 5, (2, 2)), (3, 1, (1, 1)), (0, 3, (1, 3))],
+)
+def test_plan_workers(units, threads, expected):
+    processes, per_unit = plan_workers(units, threads)
+    assert (processes, per_unit) == expected
+    assert processes * per_unit <= threads
