@@ -29,6 +29,14 @@ the header carries no scaling. MONOCHROME1 images are inverted so that higher al
 brighter: new = lo + hi - value, where [lo, hi] is the range BitsStored and
 PixelRepresentation can represent after rescale (dcm2niix does not invert; the sidecar
 records "inverted_monochrome1": true).
+
+Memory and cores: headers are read first (pixel data deferred), geometry is decided on
+them, then each file's pixels are decoded in slice order straight into the output array,
+whose type (int16, int32, float32) follows from the rescale; `radflow.dicom.nifti.write_nifti`
+streams that array into a parallel gzip writer without a transposed copy. Peak memory is
+about one output volume plus one decoded slice. `convert_shard` runs many units in
+parallel processes and gives a unit left alone the threads to compress it
+(`plan_workers`); the files are the same for any number of threads.
 """
 
 from __future__ import annotations
