@@ -309,7 +309,7 @@ def main() -> None:
                       f"{_mib(m['tree_rss']):>12s} {m['tree_pss'] / volume_bytes:11.2f} "
                       f"{m['bytes'] / 2**20:8.1f}")  # fmt: skip
             print(f"(median of {args.repeats}; all walls: " + "; ".join(
-                f"{k.split(',')[0]}: " + "/".join(f"{x['wall_s']:.1f}" for x in r)
+                f"{k}: " + "/".join(f"{x['wall_s']:.1f}" for x in r)
                 for k, r in runs.items()) + ")")  # fmt: skip
             for t in args.threads:
                 ours = med[f"radflow threads={t}"]

@@ -11,9 +11,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from radflow.dicom import radflow_version
-from radflow.dicom.convert import build_volume, plan_workers
+from radflow.dicom.convert import build_volume, decode_slice, plan_workers, read_headers
 from radflow.dicom.nifti import write_nifti
 
 AFFINE = np.array([[-0.6, 0.1, 0, 12.5], [0, -0.8, 0.2, -3], [0, 0, 2.5, 40], [0, 0, 0, 1]])
@@ -131,3 +132,46 @@ def test_plan_workers(units, threads, expected):
     processes, per_unit = plan_workers(units, threads)
     assert (processes, per_unit) == expected
     assert processes * per_unit <= threads
+
+
+@pytest.mark.parametrize(
+    "syntax, bits, signed",
+    [
+        (ExplicitVRLittleEndian, 16, True),
+        (ExplicitVRLittleEndian, 16, False),
+        (ImplicitVRLittleEndian, 8, False),
+        (ExplicitVRBigEndian, 16, True),
+        (ExplicitVRLittleEndian, 32, True),
+    ],
+)
+def test_decode_slice_equals_pydicom(tmp_path, syntax, bits, signed):
+    """The direct read of uncompressed pixel data gives pydicom's values and type."""
+    rng = np.random.default_rng(bits)
+    dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
+    info = np.iinfo(dtype)
+    # 190 x 180 x 16 bits is beyond read_headers' deferral size: read at its offset
+    pixels = rng.integers(max(info.min, -3000), min(info.max, 3000), (190, 180), dtype=dtype)
+    if syntax == ExplicitVRBigEndian:
+        pixels = pixels.astype(dtype.newbyteorder(">"))
+    ds = _header(bits_stored=bits, signed=signed)
+    ds.Rows, ds.Columns, ds.BitsAllocated = 190, 180, bits
+    ds.PixelData = pixels.tobytes() + (b"\0" if pixels.nbytes % 2 else b"")
+    ds["PixelData"].VR = "OB" if bits == 8 else "OW"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    path = tmp_path / "slice.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    header = read_headers([path])[0]
+    decoded = decode_slice(path, header)
+    reference = pydicom.dcmread(path).pixel_array
+    assert decoded.dtype == reference.dtype.newbyteorder("=")  # pydicom keeps '>' order
+    assert decoded.dtype.isnative
+    np.testing.assert_array_equal(decoded, reference)
+    np.testing.assert_array_equal(decoded, pixels)
+    if bits > 8:
+        assert header.get_item(0x7FE00010, keep_deferred=True).value is None  # not cached
+    path.write_bytes(path.read_bytes()[:-6])  # truncated: pydicom's own complaint
+    with pytest.raises(ValueError):
+        decode_slice(path, read_headers([path])[0])
