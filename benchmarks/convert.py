@@ -177,6 +177,18 @@ def pigz_wrapper(folder: Path, threads: int) -> Path:
     return folder
 
 
+def dcm2niix_env(with_pigz: bool, threads: int, work: Path) -> dict[str, str]:
+    """Environment for dcm2niix: pigz limited to `threads` first on PATH, or no pigz
+    reachable at all (then -z i and -z y both use dcm2niix's internal zlib)."""
+    env = dict(os.environ)
+    if with_pigz:
+        env["PATH"] = f"{pigz_wrapper(work / f'pigz-p{threads}', threads)}{os.pathsep}{env['PATH']}"
+    else:
+        folders = env["PATH"].split(os.pathsep)
+        env["PATH"] = os.pathsep.join(p for p in folders if not (Path(p) / "pigz").exists())
+    return env
+
+
 def dcm2niix_binary() -> str:
     candidate = Path(sys.executable).parent / "dcm2niix"
     found = str(candidate) if candidate.exists() else shutil.which("dcm2niix")
@@ -270,21 +282,11 @@ def main() -> None:
                 for label, tool, t in configs:
                     out = fresh(work / name / "out" / label.split()[0] / f"{tool}-{t}")
                     if tool == "radflow":
-                        cmd = radflow_cmd(tsv, root, out, t, args.level)
-                        env = None
+                        result = measure(radflow_cmd(tsv, root, out, t, args.level))
                     else:
                         cmd = [dcm2niix, "-z", "i" if tool == "internal" else "y",
                                f"-{args.level}", "-f", "%d", "-o", str(out), str(root)]  # fmt: skip
-                        env = dict(os.environ)
-                        if tool == "pigz":
-                            wrapper = pigz_wrapper(work / f"pigz-p{t}", t)
-                            env["PATH"] = f"{wrapper}{os.pathsep}{env['PATH']}"
-                        else:  # no pigz reachable: dcm2niix must use its own zlib
-                            env["PATH"] = os.pathsep.join(
-                                p for p in env["PATH"].split(os.pathsep)
-                                if not (Path(p) / "pigz").exists()
-                            )  # fmt: skip
-                    result = measure(cmd, env)
+                        result = measure(cmd, dcm2niix_env(tool == "pigz", t, work))
                     if tool == "pigz" and "pigz" not in result["log"].lower():
                         print(f"  warning: dcm2niix did not report using pigz:\n{result['log']}")
                     result["bytes"] = sum(f.stat().st_size for f in out.glob("*.nii.gz"))
@@ -313,8 +315,8 @@ def main() -> None:
                 for k, r in runs.items()) + ")")  # fmt: skip
             for t in args.threads:
                 ours = med[f"radflow threads={t}"]
-                refs = [k for k in med if k.startswith("dcm2niix") and
-                        (k.endswith(f"-p {t}") or (t == 1 and "internal" in k))]  # fmt: skip
+                # dcm2niix converts on one core whatever -p; pigz may use t cores
+                refs = [k for k in med if "internal" in k or k.endswith(f"pigz -p {t}")]
                 for ref in refs:
                     print(f"ratio radflow threads={t} / {ref}: wall {ours['wall_s'] / med[ref]['wall_s']:.2f}, "
                           f"peak PSS {ours['tree_pss'] / med[ref]['tree_pss']:.2f}")  # fmt: skip
