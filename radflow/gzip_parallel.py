@@ -52,7 +52,10 @@ def _chunks(pieces: Iterable[bytes | bytearray | memoryview], size: int) -> Iter
     pending: list[memoryview] = []
     pending_len = 0
     for piece in pieces:
-        view = memoryview(piece).cast("B")
+        view = memoryview(piece)
+        if view.nbytes == 0:
+            continue
+        view = view.cast("B")
         start = 0
         if pending:
             take = min(size - pending_len, len(view))
