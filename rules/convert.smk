@@ -8,6 +8,8 @@ rule convert:
     conda:
         "../envs/dicom.yaml"
     threads: get_threads("convert")
+    resources:
+        **get_resources("convert"),
     params:
         dicom_root=get_dicom_root,
         compression_level=config["convert"]["compression_level"],
