@@ -57,7 +57,17 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def install(timeout: float = 600) -> None:
+NET = [
+    "-o",
+    "Acquire::Retries=1",
+    "-o",
+    "Acquire::http::Timeout=20",
+    "-o",
+    "Acquire::https::Timeout=20",
+]
+
+
+def install(timeout: float = 300) -> None:
     """apt-get install the SLURM and munge packages when any binary is missing.
 
     Raises RuntimeError naming the failing command and its output's tail."""
@@ -65,8 +75,8 @@ def install(timeout: float = 600) -> None:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+        ["apt-get", "update", "-qq", *NET],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *NET, *PACKAGES],
     ):
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         if done.returncode != 0:

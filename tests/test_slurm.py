@@ -39,6 +39,9 @@ SLURM_ARGS = [
     "1",
     "--slurm-keep-successful-logs",
 ]
+# Both GPU requests the README documents: train keeps the profile's --gpus=1, predict
+# takes the GRES form (--gres=gpu:1) that clusters rejecting --gpus need.
+GRES_FOR_PREDICT = ["--set-resources", "predict:gpu=0", "predict:gres=gpu:1"]
 RUN_TIMEOUT_S = 600
 # outputs whose bytes legitimately differ between two runs: logs and timings, and the
 # model files (torch.save names the archive after the temporary file); compared by content
@@ -48,32 +51,30 @@ TIMINGS = {"epoch_time_s", "images_per_s", "data_wait_fraction"}  # of each trai
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 
 
-def snakemake(workdir: Path, *args: str, env=None) -> subprocess.CompletedProcess:
-    """Run the study in workdir, killed after RUN_TIMEOUT_S (the plugin can wait forever
-    when the status command fails), failing the test with the output on error."""
-    cmd = [
-        "timeout",
-        "-k",
-        "10",
-        str(RUN_TIMEOUT_S),
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "-d",
-        str(workdir),
-        "--configfile",
-        *map(str, CONFIGS),
+def command(workdir: Path, *args: str) -> list[str]:
+    """The study in workdir, killed after RUN_TIMEOUT_S (the plugin can wait forever when
+    the status command fails)."""
+    return [
+        *("timeout", "-k", "10", str(RUN_TIMEOUT_S)),
+        *(sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)),
+        *("--configfile", *map(str, CONFIGS)),
         *args,
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
+
+
+def check(done: subprocess.CompletedProcess, args) -> subprocess.CompletedProcess:
     if done.returncode != 0:
         raise AssertionError(
             f"snakemake {' '.join(args)} failed ({done.returncode}):\n"
             f"{done.stdout[-5000:]}\n{done.stderr[-10000:]}"
         )
     return done
+
+
+def snakemake(workdir: Path, *args: str, env=None) -> subprocess.CompletedProcess:
+    """Run the study in workdir; fail the test with the output on error."""
+    cmd = command(workdir, *args)
+    return check(subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env), args)
 
 
 def planned_jobs(workdir: Path, env=None) -> Counter:
@@ -130,22 +131,29 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("local")
-    snakemake(workdir, "--cores", "2", "--resources", "gpu=1")
-    return workdir
+def runs(cluster, tmp_path_factory):
+    """The tiny study run twice: through SLURM, and locally at the same time (the SLURM
+    run spends most of its time between status checks). Returns both folders and the
+    jobs Snakemake planned for the SLURM run."""
+    slurm, local = tmp_path_factory.mktemp("slurm"), tmp_path_factory.mktemp("local")
+    planned = planned_jobs(slurm, env=cluster.env())
+    local_args = ("--cores", "2", "--resources", "gpu=1")
+    with (local / "out.txt").open("w+") as out, (local / "err.txt").open("w+") as err:
+        local_run = subprocess.Popen(command(local, *local_args), cwd=local, stdout=out, stderr=err)
+        try:
+            snakemake(slurm, *SLURM_ARGS, *GRES_FOR_PREDICT, env=cluster.env())
+        finally:
+            local_run.wait()
+            out.seek(0), err.seek(0)
+            check(
+                subprocess.CompletedProcess([], local_run.returncode, out.read(), err.read()),
+                local_args,
+            )
+    return slurm, local, planned
 
 
-@pytest.fixture(scope="module")
-def slurm_run(cluster, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("slurm")
-    planned = planned_jobs(workdir, env=cluster.env())
-    snakemake(workdir, *SLURM_ARGS, env=cluster.env())
-    return workdir, planned
-
-
-def test_every_job_ran_as_a_slurm_job_with_its_resources(cluster, slurm_run):
-    workdir, planned = slurm_run
+def test_every_job_ran_as_a_slurm_job_with_its_resources(cluster, runs):
+    workdir, _, planned = runs
     config = {}
     for path in CONFIGS:
         for key, value in yaml.safe_load(path.read_text()).items():
@@ -164,10 +172,9 @@ def test_every_job_ran_as_a_slurm_job_with_its_resources(cluster, slurm_run):
             assert rule_job not in ran_in, f"{rule_job} ran twice"
             ran_in[rule_job] = job["JobId"]
         rules = {rule for rule, _ in inside}
-        # train and predict ask for a GPU (sbatch --gpus=1 on the fake GRES), nothing else does
-        wants_gpu = bool(rules & {"train", "predict"})
-        assert wants_gpu == ("gpu:1" in job.get("TresPerJob", "")), (rules, job)
-        assert not (wants_gpu and rules - {"train", "predict"})
+        # train asks for a GPU with --gpus=1, predict with --gres=gpu:1, nothing else does
+        assert ("train" in rules) == (job.get("TresPerJob") == "gres:gpu:1"), (rules, job)
+        assert ("predict" in rules) == (job.get("TresPerNode") == "gres:gpu:1"), (rules, job)
         if len(inside) == 1:  # a job of its own: wall time, memory and CPUs of its rule
             (rule,) = rules
             asked = config["resources"][rule]
@@ -231,8 +238,8 @@ def assert_same_results(one: Path, other: Path) -> None:
         pd.testing.assert_frame_equal(curves[0][learned], curves[1][learned])
 
 
-def test_results_equal_a_local_run(slurm_run, local_run):
-    assert_same_results(slurm_run[0], local_run)
+def test_results_equal_a_local_run(runs):
+    assert_same_results(runs[0], runs[1])
 
 
 def test_stop_ends_only_the_daemons_it_started(cluster):
