@@ -31,7 +31,7 @@ def check_config(config: dict) -> None:
     synthetic = synth["enabled"]
 
     def need_file(key: str, path: str | None, kind: str) -> None:
-        if path is None or synthetic:
+        if not path or synthetic:  # None or "" means not given
             return
         p = Path(path)
         exists = p.is_dir() if kind == "folder" else p.is_file()

@@ -107,6 +107,7 @@ def shard_name(shard: int) -> str:
 NIFTI_SUFFIX = ".nii.gz"
 SIDECAR_SUFFIX = ".json"
 MANIFEST = "manifest.tsv"  # per-shard table written by convert and preprocess
+SKIPPED_TABLE = "skipped.tsv"  # preprocess: converted units left out, with the reason
 SERIES_TABLE = "series.tsv"  # index: one row per labelled image unit (results, PHI-free)
 QUARANTINE_TABLE = "quarantine.tsv"  # index: left-out files and units (results, PHI-free)
 ANNOTATIONS_TABLE = "annotations.tsv"  # index: lesion points joined to units (results)
