@@ -52,6 +52,7 @@ from radflow import conventions as C
 from radflow.deid import quiet_pydicom, sidecar_fields
 from radflow.dicom import radflow_version
 from radflow.dicom.index import read_shard_files, write_bytes_atomic, write_tsv
+from radflow.dicom.syntax import DecodeError, decode_pixels, syntax_problem, transfer_syntax
 
 #: Largest allowed deviation of a slice step from the median step: max(absolute, relative
 #: * median). Positions are written with ~0.001 mm precision; real gaps are >= 0.1 mm.
@@ -266,6 +267,9 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
             raise ConversionError("Modality LUT Sequence is not supported")
         if "PixelData" not in ds:
             raise ConversionError("no pixel data")
+        problem = syntax_problem(transfer_syntax(ds))
+        if problem:
+            raise ConversionError(problem)
         photometrics.add(photometric)
         sizes.add((int(ds.Rows), int(ds.Columns)))
     if len(sizes) > 1:
@@ -299,7 +303,10 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
     # float32 output; int32 holds every integral result (range checked above)
     volume = np.empty((len(datasets), rows, cols), np.int32 if integral else np.float32)
     for k, (ds, (slope, intercept)) in enumerate(zip(datasets, rescales, strict=True)):
-        pixels = np.asarray(ds.pixel_array)
+        try:
+            pixels = decode_pixels(ds)
+        except DecodeError as exc:
+            raise ConversionError(str(exc)) from exc
         if pixels.shape != (rows, cols):
             raise ConversionError(f"pixel data shape {pixels.shape} does not match Rows/Columns")
         values = pixels.astype(work_dtype) * work_dtype(slope) + work_dtype(intercept)

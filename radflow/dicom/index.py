@@ -38,6 +38,7 @@ from pydicom.uid import UID
 
 from radflow import conventions as C
 from radflow.deid import quiet_pydicom
+from radflow.dicom.syntax import syntax_problem, transfer_syntax
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
@@ -52,6 +53,10 @@ NON_IMAGE_MODALITIES = frozenset(
 
 #: Reasons used in the quarantine table (the variable parts are counts or DICOM keywords).
 REASON_NOT_DICOM = "not a DICOM file"
+REASON_NO_META = (
+    "DICOM dataset without preamble and file meta header (not a DICOM Part 10 file; "
+    "dcm2niix skips it too)"
+)
 REASON_EMPTY = "empty file"
 REASON_DICOMDIR = "DICOMDIR (directory record, not an image)"
 REASON_DUPLICATE = "duplicate instance"
@@ -214,6 +219,8 @@ def _pixel_data_problem(
             int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames
             * int(ds.BitsAllocated) // 8
         )  # fmt: skip
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+            needed = needed * 2 // 3  # native 4:2:2 stores two chroma samples per pixel pair
     except (AttributeError, TypeError, ValueError):
         return True, ""
     if not ts.is_compressed and length < needed:
@@ -264,6 +271,10 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
             if not has_geometry:
                 rec.reason = "incomplete image header (no Rows, Columns or BitsAllocated)"
                 return rec
+            syntax = syntax_problem(transfer_syntax(ds))
+            if syntax:
+                rec.reason = syntax
+                return rec
             if pixel_problem:
                 rec.reason = pixel_problem
                 return rec
@@ -288,10 +299,24 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
             rec.view_position = _text(ds, "ViewPosition")
             rec.manufacturer = _text(ds, "Manufacturer")
     except InvalidDicomError:
-        rec.reason = REASON_NOT_DICOM
+        rec.reason = _not_part10_reason(path)
     except Exception as exc:  # any parse failure of a damaged file: quarantine, go on
         rec.reason = f"unreadable DICOM ({_short_error(exc, path)})"
     return rec
+
+
+def _not_part10_reason(path: str) -> str:
+    """REASON_NO_META for a raw dataset without preamble and meta (old exports write them;
+    pydicom only reads them when forced), else REASON_NOT_DICOM."""
+    keys = ("SOPClassUID", "Modality", "Rows")
+    try:
+        with quiet_pydicom():
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=keys)
+        if any(_text(ds, k) for k in keys):
+            return REASON_NO_META
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not DICOM
+        pass
+    return REASON_NOT_DICOM
 
 
 def _read_chunk(args: tuple[str, list[str], str, str]) -> list[FileRecord]:
