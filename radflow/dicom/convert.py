@@ -23,6 +23,9 @@ Layout and geometry (the same as dcm2niix up to the order in which axes are stor
   because downstream tools warn on code 0. This geometry is nominal: only the spacing and
   the row/column layout mean something, the projection has no patient position.
 
+Pixel decoding: `radflow.dicom.syntax.decode_pixels` (one pinned decoder per transfer
+syntax); an unsupported or undecodable syntax fails the unit with a reason naming it.
+
 Intensities: RescaleSlope/RescaleIntercept are applied per slice. The data are int16 (or
 int32 when needed) when every slope and intercept is an integer, float32 otherwise, and
 the header carries no scaling. MONOCHROME1 images are inverted so that higher always means
