@@ -251,7 +251,8 @@ def reference_nifti(
     src.mkdir(parents=True)
     out.mkdir(parents=True)
     for n, path in enumerate(files):
-        syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        syntax = header.file_meta.get("TransferSyntaxUID")
         if decompress and syntax in DCM2NIIX_CANNOT_READ:
             decompressed_copy(Path(path), src / f"{n:04d}.dcm")
         else:

@@ -1,6 +1,7 @@
 """Transfer syntaxes: a generated corpus in every syntax radflow decodes, and the files
 pydicom ships, converted by radflow and by dcm2niix and compared voxel by voxel; colour
-images, unsupported syntaxes and non-Part-10 files refused with a reason."""
+images and unsupported syntaxes refused with a reason; raw datasets without file meta
+read."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pydicom.uid import (
 from radflow import conventions as C
 from radflow.dicom import syntax as S
 from radflow.dicom.convert import build_volume, convert_shard, convert_unit, stored_range
-from radflow.dicom.index import REASON_NO_META, REASON_NOT_DICOM, read_file_record
+from radflow.dicom.index import REASON_NOT_DICOM, read_file_record
 
 from dicom_factory import assert_phi_free, write_volume
 from dicom_syntaxes import (
@@ -228,21 +229,49 @@ def test_missing_decoder_names_the_package(monkeypatch):
 
 
 # ------------------------------------------------------- files that are not Part 10
-def test_dataset_without_meta_is_quarantined_with_reason(tmp_path):
-    """A raw dataset (no preamble, no file meta; little or big endian) is not read as an
-    image, and the reason says why rather than "not a DICOM file"."""
-    files = write_volume(tmp_path / "ZqxSeries", **IDS, n_slices=1)
-    for little in (True, False):
-        ds = pydicom.dcmread(files[0])
-        raw = Dataset()
-        raw.update(ds)
-        if not little:
-            raw.PixelData = ds.pixel_array.astype(">u2").tobytes()
-        name = f"raw_{'le' if little else 'be'}"
-        pydicom.dcmwrite(tmp_path / name, raw, implicit_vr=False, little_endian=little)
-        assert (tmp_path / name).read_bytes()[128:132] != b"DICM"
-        record = read_file_record(str(tmp_path), name, "PatientID", "AccessionNumber")
-        assert record.reason == REASON_NO_META
+@pytest.mark.parametrize(
+    ("encoding", "implicit", "little"),
+    [("explicit_le", False, True), ("implicit_le", True, True), ("explicit_be", False, False),
+     ("meta_no_preamble", False, True)],
+)  # fmt: skip
+def test_dataset_without_preamble_or_meta_converts(encoding, implicit, little, tmp_path):
+    """Raw datasets (no preamble, no file meta; old archives write them) are indexed and
+    converted like Part 10 files, matching dcm2niix. dcm2niix reads the little-endian ones
+    itself; for the other two (it finds no DICOM there) its reference is the Part 10
+    original of the same slices."""
+    originals = write_volume(tmp_path / "orig", **IDS, n_slices=3, rows=12, cols=10)
+    root = tmp_path / "dicom"
+    root.mkdir()
+    raw_files = []
+    for n, path in enumerate(originals):
+        ds = pydicom.dcmread(path)
+        raw_path = root / f"Zqxraw{n}"  # no extension, no preamble
+        if encoding == "meta_no_preamble":
+            raw_path.write_bytes(path.read_bytes()[132:])  # drop preamble and "DICM"
+        else:
+            raw = Dataset()
+            raw.update(ds)
+            if not little:
+                raw.PixelData = ds.pixel_array.astype(">u2").tobytes()
+            pydicom.dcmwrite(raw_path, raw, implicit_vr=implicit, little_endian=little)
+        assert raw_path.read_bytes()[128:132] != b"DICM"
+        record = read_file_record(str(root), raw_path.name, "PatientID", "AccessionNumber")
+        assert record.reason == "" and record.modality == "CT" and record.rows == 12
+        raw_files.append(raw_path)
+    row = _convert(raw_files, root, tmp_path / "out")
+    assert row[C.STATUS] == C.STATUS_OK, row[C.REASON]
+    ours = nib.load(tmp_path / "out" / f"ser-x{C.NIFTI_SUFFIX}")
+    direct = reference_nifti(raw_files, tmp_path / "dcm2niix")
+    if little and encoding != "meta_no_preamble":
+        assert len(direct) == 1
+        ref = direct[0]
+    else:
+        assert direct == []
+        ref = reference_nifti(originals, tmp_path / "dcm2niix_original")[0]
+    assert compare_with_reference(ours, ref) == 0.0
+
+
+def test_not_dicom_that_starts_like_a_dataset(tmp_path):
     (tmp_path / "notes").write_bytes(b"\x08\x00\x05\x00 not dicom at all")
     assert read_file_record(str(tmp_path), "notes", "PatientID",
                             "AccessionNumber").reason == REASON_NOT_DICOM  # fmt: skip
@@ -260,8 +289,8 @@ EXPECTED = {
     "693_J2KI.dcm": "ok",
     "CT_small.dcm": "ok",
     "ExplVR_BigEnd.dcm": _COLOUR.format("RGB"),
-    "ExplVR_BigEndNoMeta.dcm": REASON_NO_META,
-    "ExplVR_LitEndNoMeta.dcm": REASON_NO_META,
+    "ExplVR_BigEndNoMeta.dcm": "non-image object: RTPLAN",
+    "ExplVR_LitEndNoMeta.dcm": "non-image object: RTPLAN",
     "GDCMJ2K_TextGBR.dcm": _COLOUR.format("YBR_RCT"),
     "J2K_pixelrep_mismatch.dcm": "ok",
     "JPEG-lossy.dcm": _NO_GEOMETRY,
@@ -337,7 +366,7 @@ EXPECTED = {
     "rtplan.dcm": "non-image object: RTPLAN",
     "rtplan.dump": REASON_NOT_DICOM,
     "rtplan_truncated.dcm": "non-image object: RTPLAN",
-    "rtstruct.dcm": REASON_NO_META,
+    "rtstruct.dcm": "non-image object: RTSTRUCT",
     "rtstruct.dump": REASON_NOT_DICOM,
     "test-SR.dcm": "non-image object: SR",
     "test1.json": REASON_NOT_DICOM,

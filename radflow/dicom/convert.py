@@ -389,7 +389,8 @@ def convert_unit(
     row[C.SERIES_PID] = series_pid
     try:
         with quiet_pydicom():
-            datasets = [pydicom.dcmread(os.path.join(dicom_root, p)) for p in paths]
+            # force: raw datasets without file meta, which the index accepted
+            datasets = [pydicom.dcmread(os.path.join(dicom_root, p), force=True) for p in paths]
             projection = modality in C.PROJECTION_MODALITIES
             if projection and len(datasets) != 1:
                 raise ConversionError(f"projection unit with {len(datasets)} files (expected 1)")

@@ -53,10 +53,6 @@ NON_IMAGE_MODALITIES = frozenset(
 
 #: Reasons used in the quarantine table (the variable parts are counts or DICOM keywords).
 REASON_NOT_DICOM = "not a DICOM file"
-REASON_NO_META = (
-    "DICOM dataset without preamble and file meta header (not a DICOM Part 10 file; "
-    "dcm2niix skips it too)"
-)
 REASON_EMPTY = "empty file"
 REASON_DICOMDIR = "DICOMDIR (directory record, not an image)"
 REASON_DUPLICATE = "duplicate instance"
@@ -190,8 +186,7 @@ def _pixel_data_problem(
     interrupted mid-file still has a complete header). Deflated files are not checked:
     their file offset does not map onto the dataset.
     """
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    ts = UID(str(ts)) if ts else UID("1.2.840.10008.1.2.1")
+    ts = transfer_syntax(ds)  # a dataset without file meta: the encoding pydicom found
     if not ts.is_transfer_syntax:  # private syntax: layout unknown, leave it to convert
         return True, ""
     if ts.is_deflated:
@@ -243,7 +238,7 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
             rec.reason = REASON_EMPTY
             return rec
         with quiet_pydicom(), open(path, "rb") as fh:
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=tags)
+            ds = _read_header(fh, tags)
             position = fh.tell()
             has_pixels, pixel_problem = _pixel_data_problem(fh, ds, file_size, position)
             meta_class = (
@@ -299,24 +294,32 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
             rec.view_position = _text(ds, "ViewPosition")
             rec.manufacturer = _text(ds, "Manufacturer")
     except InvalidDicomError:
-        rec.reason = _not_part10_reason(path)
+        rec.reason = REASON_NOT_DICOM
     except Exception as exc:  # any parse failure of a damaged file: quarantine, go on
         rec.reason = f"unreadable DICOM ({_short_error(exc, path)})"
     return rec
 
 
-def _not_part10_reason(path: str) -> str:
-    """REASON_NO_META for a raw dataset without preamble and meta (old exports write them;
-    pydicom only reads them when forced), else REASON_NOT_DICOM."""
-    keys = ("SOPClassUID", "Modality", "Rows")
+def _read_header(fh: Any, tags: Sequence[str]) -> pydicom.Dataset:
+    """The header (up to the pixel data) of a DICOM file, or of a raw dataset without
+    preamble and file meta (old archives write them; dcm2niix reads the little-endian
+    ones) or with meta but no preamble, which pydicom only parses when forced: a file is
+    taken for one if it starts with a group 0002 or 0008 element and holds SOPClassUID,
+    Modality or Rows. Raises InvalidDicomError otherwise."""
     try:
-        with quiet_pydicom():
-            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=keys)
-        if any(_text(ds, k) for k in keys):
-            return REASON_NO_META
-    except Exception:  # noqa: BLE001 - anything unreadable is simply not DICOM
-        pass
-    return REASON_NOT_DICOM
+        return pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=tags)
+    except InvalidDicomError:
+        fh.seek(0)
+        if fh.read(2) not in (b"\x02\x00", b"\x08\x00", b"\x00\x08"):
+            raise
+        fh.seek(0)
+        try:
+            ds = pydicom.dcmread(fh, force=True, stop_before_pixels=True, specific_tags=tags)
+        except Exception as exc:  # junk that merely starts like a dataset
+            raise InvalidDicomError("not a DICOM dataset") from exc
+        if not any(_text(ds, k) for k in ("SOPClassUID", "Modality", "Rows")):
+            raise
+        return ds
 
 
 def _read_chunk(args: tuple[str, list[str], str, str]) -> list[FileRecord]:
