@@ -4,7 +4,7 @@
 stored values span the whole range of BitsStored/PixelRepresentation (both extremes are
 present), encoded in a chosen transfer syntax with pydicom's encoders (RLE, deflate,
 JPEG-LS via pyjpegls, JPEG 2000 via pylibjpeg-openjpeg) or imagecodecs (libjpeg-turbo:
-JPEG baseline, extended 12-bit and lossless SV1), dev-only encoders.
+JPEG baseline, extended 12-bit, lossless process 14 with predictor 6 and SV1), dev-only encoders.
 
 `reference_nifti` runs dcm2niix on the files. The PyPI dcm2niix cannot read deflated
 files or 12-bit JPEG extended; for those `decompressed_copy` writes the same dataset
@@ -39,6 +39,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -78,8 +79,9 @@ def _encapsulate_jpeg(ds: pydicom.Dataset, values: np.ndarray, syntax: UID) -> N
 
     bits = int(ds.BitsStored)
     unsigned = values.view(np.uint16) if values.dtype == np.int16 else values
-    if syntax == JPEGLosslessSV1:
-        stream = imagecodecs.jpeg8_encode(unsigned, lossless=True, predictor=1,
+    if syntax in (JPEGLosslessSV1, JPEGLossless):  # SV1: predictor 1; else one of 2..7
+        predictor = 1 if syntax == JPEGLosslessSV1 else 6
+        stream = imagecodecs.jpeg8_encode(unsigned, lossless=True, predictor=predictor,
                                           bitspersample=bits)  # fmt: skip
     else:
         stream = imagecodecs.jpeg8_encode(unsigned, level=85, bitspersample=bits)
@@ -99,7 +101,7 @@ def encode(ds: pydicom.Dataset, values: np.ndarray, syntax: UID) -> None:
     elif syntax == ExplicitVRBigEndian:
         ds.PixelData = values.astype(values.dtype.newbyteorder(">")).tobytes()
         ds.file_meta.TransferSyntaxUID = syntax
-    elif syntax in (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1):
+    elif syntax in (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1):
         _encapsulate_jpeg(ds, values, syntax)
     elif syntax in (PRIVATE_SYNTAX, VIDEO_SYNTAX):
         ds.PixelData = encapsulate([b"\x00\x00\x00\x01" + bytes(60)])  # not decodable
@@ -237,11 +239,11 @@ def dcm2niix_binary() -> str | None:
 
 
 def reference_nifti(
-    files: Sequence[Path], work: Path, *, decompress: bool = True
+    files: Sequence[Path], work: Path, *, decompress: bool = True, always_decompress: bool = False
 ) -> list[nib.Nifti1Image]:
     """dcm2niix's NIfTI images of `files` (copied alone into a folder); none if it refused.
     With `decompress`, files in a syntax dcm2niix cannot read are decompressed first
-    (`decompressed_copy`)."""
+    (`decompressed_copy`); with `always_decompress`, every JPEG file is."""
     binary = dcm2niix_binary()
     if binary is None:
         import pytest
@@ -253,7 +255,7 @@ def reference_nifti(
     for n, path in enumerate(files):
         header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         syntax = header.file_meta.get("TransferSyntaxUID")
-        if decompress and syntax in DCM2NIIX_CANNOT_READ:
+        if always_decompress or (decompress and syntax in DCM2NIIX_CANNOT_READ):
             decompressed_copy(Path(path), src / f"{n:04d}.dcm")
         else:
             shutil.copy(path, src / f"{n:04d}.dcm")

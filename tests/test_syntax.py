@@ -23,6 +23,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -68,6 +69,8 @@ CORPUS = {
     "jpeg_lossless_sv1-u12": (JPEGLosslessSV1, 12, False, {}),
     "jpeg_lossless_sv1-u16": (JPEGLosslessSV1, 16, False, {}),
     "jpeg_lossless_sv1-s16": (JPEGLosslessSV1, 16, True, {}),
+    "jpeg_lossless_p14-u12": (JPEGLossless, 12, False, {}),
+    "jpeg_lossless_p14-s16": (JPEGLossless, 16, True, {}),
     "jpegls_lossless-u8": (JPEGLSLossless, 8, False, {}),
     "jpegls_lossless-u12": (JPEGLSLossless, 12, False, {}),
     "jpegls_lossless-s16": (JPEGLSLossless, 16, True, {}),
@@ -95,6 +98,13 @@ CORPUS = {
 #: libjpeg-turbo (12-bit reference) by at most 1 in a few % of voxels; every other syntax,
 #: lossy JPEG-LS and JPEG 2000 included, gives identical values.
 TOLERANCE = {JPEGBaseline8Bit: 1.0, JPEGExtended12Bit: 1.0}
+
+
+#: Cases dcm2niix (v1.0.20260724) decodes wrongly, compared with dcm2niix on a copy that
+#: libjpeg-turbo decompressed instead: lossless JPEG with predictor 6 at 16-bit precision
+#: comes out wrong in ~75-100% of voxels (12- and 15-bit are right), while libjpeg-turbo
+#: and radflow's libjpeg both return the written values.
+DCM2NIIX_WRONG = {"jpeg_lossless_p14-s16"}
 
 
 def _convert(files: list[Path], root: Path, out: Path, modality: str = "CT") -> dict:
@@ -133,7 +143,7 @@ def test_corpus_matches_dcm2niix(case, tmp_path):
     else:
         np.testing.assert_array_equal(data, expected)
 
-    refs = reference_nifti(files, tmp_path / "dcm2niix")
+    refs = reference_nifti(files, tmp_path / "dcm2niix", always_decompress=case in DCM2NIIX_WRONG)
     assert len(refs) == 1
     ref = refs[0]
     if bits == 8 and signed:
