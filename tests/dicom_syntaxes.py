@@ -275,9 +275,9 @@ def compare_with_reference(
     *,
     monochrome1_range: tuple[float, float] | None = None,
     check_origin: bool = True,
-) -> float:
-    """Assert radflow's image matches dcm2niix's (see the module docstring); return the
-    largest absolute value difference (0.0 when identical). `check_origin=False` compares
+) -> np.ndarray:
+    """Assert radflow's image matches dcm2niix's geometry (see the module docstring);
+    return the absolute value differences per voxel (all 0 when identical). `check_origin=False` compares
     axis directions only (dcm2niix writes no orientation without ImageOrientationPatient)."""
     ours_c, ref_c = nib.as_closest_canonical(ours), nib.as_closest_canonical(ref)
     ref_data = np.squeeze(ref_c.get_fdata(), axis=tuple(range(3, ref_c.ndim)))
@@ -294,4 +294,4 @@ def compare_with_reference(
     if monochrome1_range is not None:
         expected = monochrome1_range[0] + monochrome1_range[1] - ref_data
     ours_data = ours_c.get_fdata()
-    return float(np.abs(ours_data - expected).max()) if ours_data.size else 0.0
+    return np.abs(ours_data - expected)

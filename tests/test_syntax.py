@@ -154,7 +154,8 @@ def test_corpus_matches_dcm2niix(case, tmp_path):
     difference = compare_with_reference(
         ours, ref, monochrome1_range=value_range if monochrome1 else None
     )
-    assert difference <= TOLERANCE.get(syntax, 0.0)
+    assert difference.max() <= TOLERANCE.get(syntax, 0.0)
+    assert (difference > 0).mean() <= 0.1  # measured: 3.4 % (8-bit), 7.9 % (12-bit)
 
 
 def test_decoder_is_pinned():
@@ -278,7 +279,7 @@ def test_dataset_without_preamble_or_meta_converts(encoding, implicit, little, t
     else:
         assert direct == []
         ref = reference_nifti(originals, tmp_path / "dcm2niix_original")[0]
-    assert compare_with_reference(ours, ref) == 0.0
+    assert compare_with_reference(ours, ref).max() == 0.0
 
 
 def test_not_dicom_that_starts_like_a_dataset(tmp_path):
@@ -456,15 +457,17 @@ def test_pydicom_file(name, tmp_path):
             np.testing.assert_array_equal(
                 ours_values, np.where(ref_values >= 4096, ref_values - 8192, ref_values)
             )
-            assert difference == 8192
+            assert difference.max() == 8192
         else:
-            assert difference == 0.0
+            assert difference.max() == 0.0
     elif name in DECODE_ONLY:
         with pydicom.config.disable_value_validation():
             ds = pydicom.dcmread(TEST_FILES / name)
         volume, _ = build_volume([ds])
         candidates = _as_stored(_dcm2niix_image(name, tmp_path / "dcm2niix"), *volume.shape[1:])
-        assert min(np.abs(c - volume[0]).max() for c in candidates) <= DECODE_ONLY[name]
+        difference = min((np.abs(c - volume[0]) for c in candidates), key=np.max)
+        assert difference.max() <= DECODE_ONLY[name]
+        assert (difference > 0).mean() <= 0.1
     elif name in UNDECODABLE:
         ds = pydicom.dcmread(TEST_FILES / name)
         with pytest.raises(S.DecodeError, match=re.escape(UNDECODABLE[name])):
