@@ -25,6 +25,10 @@ Layout and geometry (the same as dcm2niix up to the order in which axes are stor
 
 Pixel decoding: `radflow.dicom.syntax.decode_pixels` (one pinned decoder per transfer
 syntax); an unsupported or undecodable syntax fails the unit with a reason naming it.
+Stored values follow PixelRepresentation where dcm2niix (v1.0.20260724) does not: signed
+8-bit data (dcm2niix reads them unsigned) and JPEG 2000 codestreams whose own signedness
+contradicts the header (dcm2niix keeps the codestream's). Lossy JPEG may differ from
+dcm2niix by 1 grey level (inverse DCT rounding; tests/test_syntax.py bounds it).
 
 Intensities: RescaleSlope/RescaleIntercept are applied per slice. The data are int16 (or
 int32 when needed) when every slope and intercept is an integer, float32 otherwise, and
