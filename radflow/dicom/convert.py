@@ -23,6 +23,13 @@ Layout and geometry (the same as dcm2niix up to the order in which axes are stor
   because downstream tools warn on code 0. This geometry is nominal: only the spacing and
   the row/column layout mean something, the projection has no patient position.
 
+Pixel decoding: `radflow.dicom.syntax.decode_pixels` (one pinned decoder per transfer
+syntax); an unsupported or undecodable syntax fails the unit with a reason naming it.
+Stored values follow PixelRepresentation where dcm2niix (v1.0.20260724) does not: signed
+8-bit data (dcm2niix reads them unsigned) and JPEG 2000 codestreams whose own signedness
+contradicts the header (dcm2niix keeps the codestream's). Lossy JPEG may differ from
+dcm2niix by 1 grey level (inverse DCT rounding; tests/test_syntax.py bounds it).
+
 Intensities: RescaleSlope/RescaleIntercept are applied per slice. The data are int16 (or
 int32 when needed) when every slope and intercept is an integer, float32 otherwise, and
 the header carries no scaling. MONOCHROME1 images are inverted so that higher always means
@@ -52,6 +59,7 @@ from radflow import conventions as C
 from radflow.deid import quiet_pydicom, sidecar_fields
 from radflow.dicom import radflow_version
 from radflow.dicom.index import read_shard_files, write_bytes_atomic, write_tsv
+from radflow.dicom.syntax import DecodeError, decode_pixels, syntax_problem, transfer_syntax
 
 #: Largest allowed deviation of a slice step from the median step: max(absolute, relative
 #: * median). Positions are written with ~0.001 mm precision; real gaps are >= 0.1 mm.
@@ -266,6 +274,9 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
             raise ConversionError("Modality LUT Sequence is not supported")
         if "PixelData" not in ds:
             raise ConversionError("no pixel data")
+        problem = syntax_problem(transfer_syntax(ds))
+        if problem:
+            raise ConversionError(problem)
         photometrics.add(photometric)
         sizes.add((int(ds.Rows), int(ds.Columns)))
     if len(sizes) > 1:
@@ -299,7 +310,10 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
     # float32 output; int32 holds every integral result (range checked above)
     volume = np.empty((len(datasets), rows, cols), np.int32 if integral else np.float32)
     for k, (ds, (slope, intercept)) in enumerate(zip(datasets, rescales, strict=True)):
-        pixels = np.asarray(ds.pixel_array)
+        try:
+            pixels = decode_pixels(ds)
+        except DecodeError as exc:
+            raise ConversionError(str(exc)) from exc
         if pixels.shape != (rows, cols):
             raise ConversionError(f"pixel data shape {pixels.shape} does not match Rows/Columns")
         values = pixels.astype(work_dtype) * work_dtype(slope) + work_dtype(intercept)
@@ -379,7 +393,8 @@ def convert_unit(
     row[C.SERIES_PID] = series_pid
     try:
         with quiet_pydicom():
-            datasets = [pydicom.dcmread(os.path.join(dicom_root, p)) for p in paths]
+            # force: raw datasets without file meta, which the index accepted
+            datasets = [pydicom.dcmread(os.path.join(dicom_root, p), force=True) for p in paths]
             projection = modality in C.PROJECTION_MODALITIES
             if projection and len(datasets) != 1:
                 raise ConversionError(f"projection unit with {len(datasets)} files (expected 1)")

@@ -38,6 +38,7 @@ from pydicom.uid import UID
 
 from radflow import conventions as C
 from radflow.deid import quiet_pydicom
+from radflow.dicom.syntax import syntax_problem, transfer_syntax
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
@@ -185,8 +186,7 @@ def _pixel_data_problem(
     interrupted mid-file still has a complete header). Deflated files are not checked:
     their file offset does not map onto the dataset.
     """
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    ts = UID(str(ts)) if ts else UID("1.2.840.10008.1.2.1")
+    ts = transfer_syntax(ds)  # a dataset without file meta: the encoding pydicom found
     if not ts.is_transfer_syntax:  # private syntax: layout unknown, leave it to convert
         return True, ""
     if ts.is_deflated:
@@ -214,6 +214,8 @@ def _pixel_data_problem(
             int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames
             * int(ds.BitsAllocated) // 8
         )  # fmt: skip
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+            needed = needed * 2 // 3  # native 4:2:2 stores two chroma samples per pixel pair
     except (AttributeError, TypeError, ValueError):
         return True, ""
     if not ts.is_compressed and length < needed:
@@ -236,7 +238,7 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
             rec.reason = REASON_EMPTY
             return rec
         with quiet_pydicom(), open(path, "rb") as fh:
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=tags)
+            ds = _read_header(fh, tags)
             position = fh.tell()
             has_pixels, pixel_problem = _pixel_data_problem(fh, ds, file_size, position)
             meta_class = (
@@ -263,6 +265,10 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
                 return rec
             if not has_geometry:
                 rec.reason = "incomplete image header (no Rows, Columns or BitsAllocated)"
+                return rec
+            syntax = syntax_problem(transfer_syntax(ds))
+            if syntax:
+                rec.reason = syntax
                 return rec
             if pixel_problem:
                 rec.reason = pixel_problem
@@ -292,6 +298,28 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
     except Exception as exc:  # any parse failure of a damaged file: quarantine, go on
         rec.reason = f"unreadable DICOM ({_short_error(exc, path)})"
     return rec
+
+
+def _read_header(fh: Any, tags: Sequence[str]) -> pydicom.Dataset:
+    """The header (up to the pixel data) of a DICOM file, or of a raw dataset without
+    preamble and file meta (old archives write them; dcm2niix reads the little-endian
+    ones) or with meta but no preamble, which pydicom only parses when forced: a file is
+    taken for one if it starts with a group 0002 or 0008 element and holds SOPClassUID,
+    Modality or Rows. Raises InvalidDicomError otherwise."""
+    try:
+        return pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=tags)
+    except InvalidDicomError:
+        fh.seek(0)
+        if fh.read(2) not in (b"\x02\x00", b"\x08\x00", b"\x00\x08"):
+            raise
+        fh.seek(0)
+        try:
+            ds = pydicom.dcmread(fh, force=True, stop_before_pixels=True, specific_tags=tags)
+        except Exception as exc:  # junk that merely starts like a dataset
+            raise InvalidDicomError("not a DICOM dataset") from exc
+        if not any(_text(ds, k) for k in ("SOPClassUID", "Modality", "Rows")):
+            raise
+        return ds
 
 
 def _read_chunk(args: tuple[str, list[str], str, str]) -> list[FileRecord]:
