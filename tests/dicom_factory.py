@@ -360,7 +360,8 @@ def write_enhanced(
     Geometry is in the shared functional groups (PlaneOrientationSequence,
     PixelMeasuresSequence, PixelValueTransformationSequence) and per frame
     (PlanePositionSequence, FrameContentSequence with StackID "1", InStackPositionNumber,
-    TemporalPositionIndex, MREchoSequence for MR). Frames are stored in random order with
+    TemporalPositionIndex, MREchoSequence for MR), with a DimensionIndexSequence (stack,
+    in-stack position, temporal position, echo time for MR) as dcm2niix needs to sort. Frames are stored in random order with
     `shuffle`. Stored values: `enhanced_value(k, r, c, echo index, time index)`.
     """
     rng = rng or random.Random(1)
@@ -394,6 +395,17 @@ def write_enhanced(
     transform.RescaleType = "US" if modality == "MR" else "HU"
     shared.PixelValueTransformationSequence = DicomSequence([transform])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    dimension_uid = new_uid()
+    dimensions = []
+    for pointer, group in ((0x00209056, 0x00209111), (0x00209057, 0x00209111),
+                           (0x00209128, 0x00209111), (0x00189082, 0x00189114))[
+                               : 4 if modality == "MR" else 3]:  # fmt: skip
+        dim = Dataset()
+        dim.DimensionOrganizationUID = dimension_uid
+        dim.DimensionIndexPointer = pointer
+        dim.FunctionalGroupPointer = group
+        dimensions.append(dim)
+    ds.DimensionIndexSequence = DicomSequence(dimensions)
     per_frame = []
     stack = []
     rr, cc = np.mgrid[0:rows, 0:cols]
@@ -408,7 +420,7 @@ def write_enhanced(
         content.StackID = "1"
         content.InStackPositionNumber = k + 1
         content.TemporalPositionIndex = t + 1
-        content.DimensionIndexValues = [1, t + 1, e + 1, k + 1]
+        content.DimensionIndexValues = [1, k + 1, t + 1, e + 1][: len(dimensions)]
         item.FrameContentSequence = DicomSequence([content])
         if modality == "MR":
             echo = Dataset()

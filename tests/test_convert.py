@@ -4,9 +4,6 @@ failures, determinism and privacy of the NIfTI + sidecar outputs."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +25,7 @@ from radflow.dicom.convert import (
 from radflow.dicom.index import build_index, list_files
 from radflow.dicom.nifti import read_image
 
+from dcm2niix_reference import assert_same_grid, run_dcm2niix, run_dcm2niix_all
 from dicom_factory import (
     assert_phi_free,
     asymmetric_pattern,
@@ -207,47 +205,6 @@ def test_slices_sorted_by_position_not_instance_number(units):
     assert spacing == (2.5, 0.8, 0.6)
 
 
-def _dcm2niix() -> str | None:
-    candidate = Path(sys.executable).parent / "dcm2niix"
-    return str(candidate) if candidate.exists() else shutil.which("dcm2niix")
-
-
-def run_dcm2niix_all(files: list[Path], tmp_path: Path) -> dict[str, nib.Nifti1Image]:
-    """dcm2niix's outputs for `files` (copied to one folder): {file name: image}."""
-    binary = _dcm2niix()
-    if binary is None:
-        pytest.skip("dcm2niix binary not installed (pip install dcm2niix)")
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    out.mkdir()
-    for n, path in enumerate(files):
-        shutil.copy(path, src / f"{n:04d}.dcm")
-    subprocess.run([binary, "-z", "y", "-f", "%s", "-o", str(out), str(src)], check=True,
-                   capture_output=True)  # fmt: skip
-    return {p.name: nib.load(p) for p in sorted(out.glob("*.nii.gz"))}
-
-
-def _run_dcm2niix(files: list[Path], tmp_path: Path) -> nib.Nifti1Image:
-    produced = run_dcm2niix_all(files, tmp_path)
-    assert len(produced) == 1, sorted(produced)
-    return next(iter(produced.values()))
-
-
-def assert_same_grid(ours: nib.Nifti1Image, ref: nib.Nifti1Image) -> None:
-    """Same voxel grid after reorientation to RAS: shape, spacing within 1e-3 mm and the
-    world coordinates of the corner voxel centres within 0.01 mm."""
-    ours, ref = nib.as_closest_canonical(ours), nib.as_closest_canonical(ref)
-    assert ours.shape[:3] == ref.shape[:3]
-    np.testing.assert_allclose(ours.header.get_zooms()[:3], ref.header.get_zooms()[:3], atol=1e-3)
-    corners = _corners(ours.shape)
-    np.testing.assert_allclose(ours.affine @ corners, ref.affine @ corners, atol=0.01)
-
-
-def _corners(shape) -> np.ndarray:
-    return np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
-                     for k in (0, shape[2] - 1)], float).T  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "name", ["dx_iop", "ct_axial", "ct_oblique", "mr_sagittal", "mr_coronal", "ct_scrambled"]
 )
@@ -257,7 +214,7 @@ def test_matches_dcm2niix(units, name, tmp_path):
     sagittal, coronal, non-square pixels, shuffled file names and InstanceNumbers, and one
     series spread over two folders (ct_oblique)."""
     ours = nib.as_closest_canonical(nii(units, name))
-    ref = nib.as_closest_canonical(_run_dcm2niix(units["files"][name], tmp_path))
+    ref = nib.as_closest_canonical(run_dcm2niix(units["files"][name], tmp_path))
     assert ours.shape == ref.shape
     assert_same_grid(ours, ref)
     np.testing.assert_allclose(ours.get_fdata(), ref.get_fdata(), atol=1e-4)
@@ -268,7 +225,7 @@ def test_projection_without_orientation_matches_dcm2niix_axes(units, tmp_path):
     orientation gives the same axis directions and values (not the same origin). dcm2niix
     ignores ImagerPixelSpacing (1 mm); radflow uses it when PixelSpacing is absent."""
     ours = nii(units, "dx_m2")
-    ref_raw = _run_dcm2niix(units["files"]["dx_m2"], tmp_path)
+    ref_raw = run_dcm2niix(units["files"]["dx_m2"], tmp_path)
     assert int(ref_raw.header["qform_code"]) == 0 and int(ref_raw.header["sform_code"]) == 0
     ours_c, ref_c = nib.as_closest_canonical(ours), nib.as_closest_canonical(ref_raw)
     assert ours_c.shape == ref_c.shape == (16, 24, 1)
@@ -379,7 +336,7 @@ def test_modality_lut_applied(units, tmp_path):
     img = nii(units, "ct_lut")
     meta = sidecar(units, "ct_lut")
     assert meta["modality_lut_applied"] is True and meta["rescale_applied"] is False
-    ref = _run_dcm2niix(units["files"]["ct_lut"], tmp_path)
+    ref = run_dcm2niix(units["files"]["ct_lut"], tmp_path)
     assert_same_grid(img, ref)
     ours_c, ref_c = nib.as_closest_canonical(img), nib.as_closest_canonical(ref)
     np.testing.assert_array_equal(ours_c.get_fdata(), 2 * ref_c.get_fdata() + 3)
