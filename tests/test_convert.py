@@ -445,3 +445,21 @@ def test_empty_shard(tmp_path):
     manifest = convert_shard(shard, tmp_path, tmp_path / "out", progress=False)
     assert manifest.empty and list(manifest.columns) == MANIFEST_COLUMNS
     assert (tmp_path / "out" / C.MANIFEST).read_text() == "\t".join(MANIFEST_COLUMNS) + "\n"
+
+
+def test_convert_settings_checked_by_schema_and_config(tmp_path):
+    """convert.uneven_spacing / gantry_tilt: schema defaults, and a clear error otherwise."""
+    import yaml
+    from snakemake.utils import validate
+
+    from radflow.config import ConfigError, check_config
+
+    root = Path(__file__).parents[1]
+    config = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    del config["convert"]
+    validate(config, str(root / "config" / "schema.yaml"), set_default=True)
+    assert config["convert"]["uneven_spacing"] == "resample"
+    assert config["convert"]["gantry_tilt"] == "correct"
+    config["convert"]["gantry_tilt"] = "straighten"
+    with pytest.raises(ConfigError, match="convert.gantry_tilt: 'straighten' is not one of"):
+        check_config(config)

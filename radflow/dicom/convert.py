@@ -69,8 +69,6 @@ ORIENTATION_TOLERANCE = 1e-4
 MAX_RESAMPLE_GROWTH = 4
 
 MANIFEST_COLUMNS = [C.SERIES_PID, C.STATUS, C.REASON, "ndim", "shape", "spacing_mm", "dtype"]
-UNEVEN_SPACING_CHOICES = ("reject", "resample")
-GANTRY_TILT_CHOICES = ("correct", "reject")
 
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 
@@ -379,10 +377,10 @@ def volume_geometry(
     back onto an orthogonal grid that covers them all (as dcm2niix's "_Tilt" output).
     Both record what they did in the notes (sidecar). Irregular in-plane shifts fail.
     """
-    if uneven_spacing not in UNEVEN_SPACING_CHOICES:
-        raise ValueError(f"uneven_spacing must be one of {UNEVEN_SPACING_CHOICES}")
-    if gantry_tilt not in GANTRY_TILT_CHOICES:
-        raise ValueError(f"gantry_tilt must be one of {GANTRY_TILT_CHOICES}")
+    if uneven_spacing not in C.UNEVEN_SPACING_CHOICES:
+        raise ValueError(f"uneven_spacing must be one of {C.UNEVEN_SPACING_CHOICES}")
+    if gantry_tilt not in C.GANTRY_TILT_CHOICES:
+        raise ValueError(f"gantry_tilt must be one of {C.GANTRY_TILT_CHOICES}")
     cosines = []
     positions = []
     spacings = []
