@@ -447,6 +447,42 @@ def write_enhanced(
     return _save(ds, Path(path))
 
 
+def write_legacy_multiframe(
+    path: str | Path,
+    *,
+    patient_id: str,
+    accession: str,
+    n_frames: int = 3,
+    rows: int = 12,
+    cols: int = 10,
+    spacing_between_slices: float | None = 2.5,
+    origin: Sequence[float] = (-30.0, -40.0, 15.0),
+) -> Path:
+    """A legacy (non-enhanced) multi-frame CT: NumberOfFrames, one ImagePositionPatient
+    (frame 0), axial orientation, SpacingBetweenSlices, no functional groups. Stored value
+    of frame k: ``1000 + 100*k + 7*r + c`` (+1 for r<2 and c<3), as `write_volume`."""
+    ds = _base(CTImageStorage, "CT", patient_id=patient_id, accession=accession,
+               study_uid=new_uid(), series_uid=new_uid())  # fmt: skip
+    rr, cc = np.mgrid[0:rows, 0:cols]
+    frames = []
+    for k in range(n_frames):
+        pixels = 1000 + 100 * k + 7 * rr + cc
+        pixels[:2, :3] += 1
+        frames.append(pixels.astype(np.uint16))
+    _set_pixels(ds, frames[0], bits_stored=12, signed=False, photometric="MONOCHROME2")
+    ds.PixelData = np.ascontiguousarray(np.stack(frames)).tobytes()
+    ds.NumberOfFrames = n_frames
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in origin]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.PixelSpacing = ["0.8", "0.6"]
+    ds.SliceThickness = "2.5"
+    if spacing_between_slices is not None:
+        ds.SpacingBetweenSlices = f"{spacing_between_slices:g}"
+    ds.RescaleSlope, ds.RescaleIntercept = "1", "-1024"
+    ds.InstanceNumber = 1
+    return _save(ds, Path(path))
+
+
 def write_sr(path: str | Path, *, patient_id: str, accession: str) -> Path:
     """A Basic Text SR (a report, no pixels)."""
     ds = _base(

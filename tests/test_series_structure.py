@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from radflow import conventions as C
-from radflow.dicom.convert import convert_shard
+from radflow.dicom.convert import ConversionError, convert_shard, frame_view
 from radflow.dicom.index import (
     REASON_LOCALIZER,
     REASON_OFF_STACK,
@@ -23,13 +23,14 @@ from radflow.dicom.index import (
     read_shard_files,
 )
 
-from dcm2niix_reference import assert_same_grid, run_dcm2niix_all
+from dcm2niix_reference import assert_same_grid, run_dcm2niix, run_dcm2niix_all
 from dicom_factory import (
     assert_phi_free,
     enhanced_value,
     new_uid,
     write_enhanced,
     write_labels,
+    write_legacy_multiframe,
     write_volume,
 )
 
@@ -94,6 +95,7 @@ def export(tmp_path_factory):
         root / "enh" / "ct.dcm", **ids, modality="CT", n_slices=5, intercept=-1024,
         row_cosines=(0, 1, 0), col_cosines=(0, 0, -1), pixel_spacing=(0.9, 0.7),
     )]  # fmt: skip
+    files["legacy"] = [write_legacy_multiframe(root / "enh" / "legacy.dcm", **ids)]
     labels = write_labels(base / "labels.csv", [("ZQXACC9", "1")], ["AccessionNumber", "label"])
     index = build_index(root, labels, key=KEY, n_shards=1, progress=False)
     results, private = base / "results", base / "private"
@@ -132,6 +134,7 @@ def test_units_and_summary(export):
         ser(f"{mr_mf}/te=10.0"): 1,
         ser(f"{mr_mf}/te=25.0"): 1,
         ser(mf_uid(export, "mf_ct")): 1,
+        ser(mf_uid(export, "legacy")): 1,
     }
     series = export["index"].series.set_index(C.SERIES_PID)
     assert series["n_files"].to_dict() == expected
@@ -269,6 +272,33 @@ def test_enhanced_ct_matches_dcm2niix(export, tmp_path):
     assert ours.get_data_dtype() == np.int16 and ours.header.get_zooms() == pytest.approx(
         (0.7, 0.9, 2.5)
     )
+
+
+def test_legacy_multiframe_matches_dcm2niix(export, tmp_path):
+    """No functional groups: frame k at ImagePositionPatient + k * SpacingBetweenSlices
+    along the normal, which is what dcm2niix assumes too (it warns that it cannot tell the
+    slice direction)."""
+    pid = ser(mf_uid(export, "legacy"))
+    shard = read_shard_files(export["shard_tsv"])
+    assert list(shard.loc[shard[C.SERIES_PID] == pid, C.FRAMES]) == [""]
+    ours = nii(export, pid)
+    assert ours.shape == (10, 12, 3)
+    assert [ours.get_fdata()[5, 5, k] for k in range(3)] == [1000 + 100 * k + 40 - 1024
+                                                             for k in range(3)]  # fmt: skip
+    ref = run_dcm2niix(export["files"]["legacy"], tmp_path)
+    assert_same_grid(ours, ref)
+    np.testing.assert_array_equal(
+        nib.as_closest_canonical(ours).get_fdata(), nib.as_closest_canonical(ref).get_fdata()
+    )
+
+
+def test_legacy_multiframe_without_geometry_rejected(export, tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(export["files"]["legacy"][0])
+    del ds.SpacingBetweenSlices, ds.SliceThickness
+    with pytest.raises(ConversionError, match="legacy multi-frame file without"):
+        frame_view(ds, 1)
 
 
 def test_outputs_hold_no_phi(export):

@@ -33,6 +33,7 @@ records "inverted_monochrome1": true).
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
@@ -53,7 +54,13 @@ from pydicom.pixels import pixel_array as decode_pixels
 from radflow import conventions as C
 from radflow.deid import quiet_pydicom, sidecar_fields
 from radflow.dicom import radflow_version
-from radflow.dicom.index import read_shard_files, write_bytes_atomic, write_tsv
+from radflow.dicom.index import (
+    frame_groups,
+    group_value,
+    read_shard_files,
+    write_bytes_atomic,
+    write_tsv,
+)
 
 #: Largest allowed deviation of a slice step from the median step: max(absolute, relative
 #: * median). Positions are written with ~0.001 mm precision; real gaps are >= 0.1 mm.
@@ -228,19 +235,6 @@ _FRAME_SKIPPED = frozenset(
 )
 
 
-def frame_groups(ds: pydicom.Dataset, frame: int) -> list[pydicom.Dataset]:
-    """The functional group items that apply to `frame`: shared first, then per-frame
-    (whose values win). Empty for a legacy multi-frame file."""
-    items = []
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:
-        items.append(shared[0])
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and frame < len(per_frame):
-        items.append(per_frame[frame])
-    return items
-
-
 def frame_view(ds: pydicom.Dataset, frame: int) -> FrameView:
     """A `FrameView` of frame `frame` (0-based) of the multi-frame dataset `ds`.
 
@@ -255,13 +249,13 @@ def frame_view(ds: pydicom.Dataset, frame: int) -> FrameView:
     view = FrameView()
     for elem in ds:
         if elem.keyword not in _FRAME_SKIPPED:
-            view.add(elem)
+            # a shallow copy: setting a value below must not change the file's dataset
+            view.add(copy.copy(elem))
     groups = frame_groups(ds, frame)
-    for item in groups:
-        for macro, inner, keyword in _FRAME_ELEMENTS:
-            seq = item.get(macro)
-            if seq and inner in seq[0] and seq[0][inner].value not in (None, ""):
-                setattr(view, keyword, seq[0][inner].value)
+    for macro, inner, keyword in _FRAME_ELEMENTS:
+        value = group_value(groups, macro, inner)
+        if value is not None:
+            setattr(view, keyword, value)
     if not groups and frame > 0:
         orientation = _orientation(ds)
         position = _floats(ds, "ImagePositionPatient", 3)
