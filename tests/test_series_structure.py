@@ -143,6 +143,9 @@ def test_units_and_summary(export):
     assert summary["n_series_split"] == 3
     assert summary["units_from_split_series"] == {"acq": 2, "echo": 2, "te": 2}
     assert summary["files_quarantined"] == {REASON_LOCALIZER: 1, REASON_OFF_STACK: 1}
+    text = export["index"].summary_text()
+    assert "index: 3 series split into stacks (2 by acq, 2 by echo, 2 by te units)" in text
+    assert f"index: 1 files left out: {REASON_LOCALIZER}" in text
 
 
 def test_localizer_and_off_axis_slice_left_out_with_reason(export):

@@ -1,7 +1,8 @@
 """Convert the image units of one shard from DICOM to NIfTI-1 (.nii.gz + JSON sidecar).
 
 Layout and geometry (the same as dcm2niix up to the order in which axes are stored, which
-`nibabel.as_closest_canonical` removes; tests/test_convert.py checks it against dcm2niix):
+`nibabel.as_closest_canonical` removes; tests/test_convert.py and
+tests/test_series_structure.py check it against dcm2niix):
 
 - Voxel (i, j, k) is column i, row j of slice k of the DICOM pixel data, unflipped:
   ``nifti_data[:, :, k] == pixel_array_k.T``. `radflow.dicom.nifti.read_image` inverts it.
@@ -10,8 +11,26 @@ Layout and geometry (the same as dcm2niix up to the order in which axes are stor
   column cosine * row spacing and slice normal * slice spacing; the translation is the
   ImagePositionPatient of slice k = 0 (PixelSpacing is [between rows, between columns]).
 - 3D units: slices are sorted by the projection of ImagePositionPatient onto the slice
-  normal (row cosine x column cosine), never by InstanceNumber. Uneven spacing, repeated
-  positions and slices shifted in-plane along the stack (gantry tilt) fail the unit.
+  normal (row cosine x column cosine), never by InstanceNumber. Repeated positions (stacks
+  the index could not separate) and irregular in-plane shifts fail the unit with a reason.
+- Uneven spacing (a missing slice, variable steps): with ``uneven_spacing="resample"``
+  (config convert.uneven_spacing, the default) the stack is interpolated linearly along
+  the normal onto a regular grid from the first slice at the *smallest* step, which is
+  what dcm2niix writes as its "_Eq_1" file (same grid and values in the tests); the
+  sidecar's "uneven_spacing" records the step statistics. "reject" fails the unit.
+- Gantry tilt (slices shifted in-plane in proportion to their distance along the normal):
+  with ``gantry_tilt="correct"`` (the default) each slice is shifted back by linear
+  interpolation onto an orthogonal grid that covers every shifted slice, voxels no slice
+  covers holding the volume minimum; that is the grid of dcm2niix's "_Tilt_1" file (same
+  shape and affine). dcm2niix v1.0.20260724 places the rows ~0.4 row off their DICOM
+  position on the tested series, so values agree to interpolation tolerance only. The
+  sidecar's "gantry_tilt" records the angle. "reject" fails the unit.
+  Resampled integer data are rounded to the nearest integer (as dcm2niix).
+- Multi-frame files: a unit lists the frames it uses (`conventions.FRAMES`); each frame
+  becomes a `FrameView` whose position, orientation, spacing and rescale come from the
+  shared and per-frame functional groups (enhanced CT/MR), or, for legacy multi-frame
+  files without them, from ImagePositionPatient + k * SpacingBetweenSlices (else
+  SliceThickness) along the normal (dcm2niix assumes the same).
 - 2D projection units (DX, CR, MG...): one slice of thickness 1 mm. Spacing comes from
   PixelSpacing, else ImagerPixelSpacing, else 1 mm (noted in the sidecar); dcm2niix
   (v1.0.20260724) ignores ImagerPixelSpacing and writes 1 mm, the one deliberate
@@ -23,12 +42,15 @@ Layout and geometry (the same as dcm2niix up to the order in which axes are stor
   because downstream tools warn on code 0. This geometry is nominal: only the spacing and
   the row/column layout mean something, the projection has no patient position.
 
-Intensities: RescaleSlope/RescaleIntercept are applied per slice. The data are int16 (or
-int32 when needed) when every slope and intercept is an integer, float32 otherwise, and
-the header carries no scaling. MONOCHROME1 images are inverted so that higher always means
-brighter: new = lo + hi - value, where [lo, hi] is the range BitsStored and
-PixelRepresentation can represent after rescale (dcm2niix does not invert; the sidecar
-records "inverted_monochrome1": true).
+Intensities: RescaleSlope/RescaleIntercept are applied per slice, or the Modality LUT
+Sequence where present (pydicom's apply_modality_lut; dcm2niix ignores that LUT and
+writes stored values). The data are int16 (or int32 when needed) when every slope,
+intercept and LUT value is an integer, float32 otherwise, and the header carries no
+scaling. MONOCHROME1 images are inverted so that higher always means brighter:
+new = lo + hi - value, where [lo, hi] is the range BitsStored and PixelRepresentation can
+represent after rescale (the LUT's range with a LUT; dcm2niix does not invert; the sidecar
+records "inverted_monochrome1": true). Pixel data are decoded in one place,
+`slice_pixels`.
 """
 
 from __future__ import annotations

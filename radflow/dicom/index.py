@@ -4,10 +4,17 @@
 `IndexResult`: PHI-free tables for results/ (series, quarantine, annotations, summary) and
 private tables that hold file paths (quarantine paths, the file list of each shard).
 
-An *image unit* is what becomes one NIfTI image and one row of the series table: a whole
-series for cross-sectional modalities (CT, MR, PT...), a single SOP instance for projection
-modalities (`conventions.PROJECTION_MODALITIES`: DX, CR, MG...), whose series often hold
-several unrelated views.
+An *image unit* is what becomes one NIfTI image and one row of the series table: a single
+SOP instance for projection modalities (`conventions.PROJECTION_MODALITIES`: DX, CR,
+MG...), whose series often hold several unrelated views; for cross-sectional modalities
+(CT, MR, PT...) one 3D stack of a series (`split_series`): localizers (ImageType
+LOCALIZER) and slices in a minority orientation are left out with a reason in the
+quarantine table, and a series whose slices repeat positions is split by echo number,
+echo time, temporal position, trigger time, acquisition number or b-value into units
+whose identifier is "<SeriesInstanceUID>/<key>=<value>" (hashed like any unit id).
+Enhanced multi-frame files take part frame by frame, their positions and keys read from
+the functional groups (header only); the private shard table names the frames of each
+file that a unit uses (column `conventions.FRAMES`, "" for all).
 
 Privacy rules enforced here: results tables and log text carry only pseudonyms
 (`conventions.pseudonym`), counts and whitelisted acquisition values; file paths (folder
@@ -631,11 +638,14 @@ class IndexResult:
     """Tables produced by `build_index` (all pandas DataFrames of strings/ints).
 
     - series (results): one row per labelled unit, columns `_SERIES_COLUMNS`.
-    - quarantine (results): file_id, series_pid, reason; one row per left-out file and one
-      per excluded unit (file_id empty).
+    - quarantine (results): file_id, series_pid, reason; one row per left-out file (a
+      localizer left out of a series carries that series' pseudonym) and one per excluded
+      unit (file_id empty).
     - quarantine_paths (PRIVATE): file_id, series_pid, path, reason; one row per left-out
       file, including every file of an excluded unit.
-    - shard_files (PRIVATE): {shard: table series_pid, modality, path}, every shard present.
+    - shard_files (PRIVATE): {shard: table series_pid, modality, path, frames}, every
+      shard present; frames (`conventions.FRAMES`) lists the 0-based frames of a
+      multi-frame file that the unit uses, "" for all frames or a single-frame file.
     - annotations (results): series_pid, row_px, col_px, diameter_mm.
     - summary: counts for the log (JSON-serialisable, PHI-free).
     """
@@ -684,6 +694,9 @@ class IndexResult:
             lines.append(f"index: {count} files left out: {reason}")
         for reason, count in sorted(s["units_excluded"].items()):
             lines.append(f"index: {count} units excluded: {reason}")
+        if s.get("n_series_split"):
+            by_key = ", ".join(f"{n} by {k}" for k, n in s["units_from_split_series"].items())
+            lines.append(f"index: {s['n_series_split']} series split into stacks ({by_key} units)")
         lines.append(
             f"index: {s['n_label_keys_unmatched']} of {s['n_label_keys']} label keys "
             "match no image unit"
