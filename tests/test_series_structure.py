@@ -18,9 +18,12 @@ from radflow.dicom.convert import ConversionError, convert_shard, frame_view
 from radflow.dicom.index import (
     REASON_LOCALIZER,
     REASON_OFF_STACK,
+    FileRecord,
+    SliceKey,
     build_index,
     list_files,
     read_shard_files,
+    split_series,
 )
 
 from dcm2niix_reference import assert_same_grid, run_dcm2niix, run_dcm2niix_all
@@ -315,3 +318,54 @@ def test_old_shard_table_without_frames_column_reads(tmp_path):
     )
     table = read_shard_files(old)
     assert list(table[C.FRAMES]) == [""]
+
+
+# ------------------------------------------------------ split_series on its own
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+
+
+def _record(path, slices, n_frames=1, image_type="ORIGINAL\\PRIMARY"):
+    return FileRecord(path=path, n_frames=n_frames, image_type=image_type, slices=slices)
+
+
+def _classic(path, z, orientation=AXIAL, **keys):
+    position = (0.0, 0.0, z) if orientation == AXIAL else (z, 0.0, 0.0)
+    key_items = tuple((k, str(v)) for k, v in keys.items())
+    return _record(path, [SliceKey(None, orientation, position, key_items)])
+
+
+def test_split_by_stack_id_first_then_orientation_per_stack():
+    """An enhanced file with an axial and a sagittal stack of 3 frames each: one unit per
+    StackID (without the split the two orientations would tie and fail)."""
+    frames = [SliceKey(f, AXIAL if f < 3 else SAGITTAL,
+                       (0.0, 0.0, 2.0 * f) if f < 3 else (2.0 * f, 0.0, 0.0),
+                       (("stack", "1" if f < 3 else "2"),)) for f in range(6)]  # fmt: skip
+    units, left_out = split_series("S", [_record("mf.dcm", frames, n_frames=6)])
+    assert left_out == []
+    assert [(u.unit_id, u.frames, u.split_by) for u in units] == [
+        ("S/stack=1", {"mf.dcm": "0 1 2"}, "stack"),
+        ("S/stack=2", {"mf.dcm": "3 4 5"}, "stack"),
+    ]
+
+
+def test_split_by_time_and_not_by_a_key_unique_per_slice():
+    """AcquisitionNumber that differs per slice would leave stacks of one slice: it is
+    skipped, the temporal position splits; unique positions are never split."""
+    files = [_classic(f"t{t}z{z}", z, time=t, acq=10 * t + z) for t in (1, 2) for z in (0, 2, 4)]
+    units, _ = split_series("S", files)
+    assert [(u.unit_id, len(u.files), u.split_by) for u in units] == [
+        ("S/time=1", 3, "time"), ("S/time=2", 3, "time"),
+    ]  # fmt: skip
+    units, _ = split_series("S", [_classic(f"z{z}", z, acq=z) for z in (0, 2, 4)])
+    assert [(u.unit_id, u.split_by) for u in units] == [("S", "")]
+
+
+def test_orientation_without_majority_and_localizer_series_are_left_to_fail():
+    tie = [_classic("a0", 0), _classic("a1", 2), _classic("s0", 0, SAGITTAL),
+           _classic("s1", 2, SAGITTAL)]  # fmt: skip
+    units, left_out = split_series("S", tie)
+    assert left_out == [] and [len(u.files) for u in units] == [4]
+    scout = [_record("l", [SliceKey(None, AXIAL, (0, 0, 0))], image_type="ORIGINAL\\LOCALIZER")]
+    units, left_out = split_series("S", scout)
+    assert left_out == [] and units[0].problem.startswith("localizer series")

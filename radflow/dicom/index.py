@@ -825,8 +825,30 @@ def split_series(
        every stack has distinct positions; the unit id is "<series uid>/<key>=<value>/...".
        If no keys separate them, the series stays one unit (conversion rejects it).
     Multi-frame files take part frame by frame; a file partly used lists its frames.
+    Frames of an enhanced file with several StackIDs are split by stack first (unit id
+    "<series uid>/stack=<id>/..."), each stack then handled as above.
     """
     slices = [(rec, sk) for rec in files for sk in rec.slices]
+    by_stack: dict[str, list[tuple[FileRecord, SliceKey]]] = defaultdict(list)
+    for rec, sk in slices:
+        by_stack[dict(sk.keys).get("stack", "")].append((rec, sk))
+    if len(by_stack) == 1:
+        return _split_slices(series_uid, slices)
+    units, left_out = [], []
+    for stack, members in sorted(by_stack.items()):
+        found, lost = _split_slices(f"{series_uid}/stack={stack}", members)
+        units += found
+        left_out += lost
+    for unit in units:
+        unit.split_by = "/".join(["stack", *filter(None, [unit.split_by])])
+    return units, left_out
+
+
+def _split_slices(
+    series_uid: str, slices: Sequence[tuple[FileRecord, SliceKey]]
+) -> tuple[list[ImageUnit], list[tuple[FileRecord, str]]]:
+    """`split_series` for the slices of one stack; unit ids start with `series_uid`."""
+    files = list({rec.path: rec for rec, _ in slices}.values())
     left_out: dict[str, list[tuple[FileRecord, SliceKey, str]]] = defaultdict(list)
     keep = []
     for rec, sk in slices:
@@ -862,7 +884,7 @@ def split_series(
     stacks = {(): keep}
     used: list[str] = []
     if normal is not None and not _positions_unique(keep, normal):
-        for name, *_ in STACK_KEYS:
+        for name, *_ in STACK_KEYS[1:]:  # stacks are split already
             if len({dict(sk.keys).get(name, "") for _, sk in keep}) < 2:
                 continue
             candidate: dict[tuple[str, ...], list] = defaultdict(list)
