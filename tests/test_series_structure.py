@@ -100,7 +100,7 @@ def export(tmp_path_factory):
     )]  # fmt: skip
     files["legacy"] = [write_legacy_multiframe(root / "enh" / "legacy.dcm", **ids)]
     labels = write_labels(base / "labels.csv", [("ZQXACC9", "1")], ["AccessionNumber", "label"])
-    index = build_index(root, labels, key=KEY, n_shards=1, progress=False)
+    index = build_index(root, labels, key=KEY, n_shards=1, threads=2, progress=False)
     results, private = base / "results", base / "private"
     index.write(results / "index", private)
     shard_tsv = private / C.SHARD_INDEX_DIR / f"{C.shard_name(0)}.tsv"
