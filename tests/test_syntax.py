@@ -295,7 +295,6 @@ TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 #: dcm2niix), else the index's or the conversion's reason (prefix).
 _COLOUR = "colour image (PhotometricInterpretation {}) in a grayscale study"
 _NO_GEOMETRY = "missing ImageOrientationPatient or ImagePositionPatient"
-_MULTIFRAME = "multi-frame instance ({} frames) is not supported yet"
 EXPECTED = {
     "693_J2KI.dcm": "ok",
     "CT_small.dcm": "ok",
@@ -340,10 +339,10 @@ EXPECTED = {
     "SC_rgb_jpeg_lossy_gdcm.dcm": _COLOUR.format("YBR_FULL"),
     "SC_rgb_rle.dcm": _COLOUR.format("RGB"),
     "SC_rgb_rle_16bit.dcm": _COLOUR.format("RGB"),
-    "SC_rgb_rle_16bit_2frame.dcm": _MULTIFRAME.format(2),
-    "SC_rgb_rle_2frame.dcm": _MULTIFRAME.format(2),
+    "SC_rgb_rle_16bit_2frame.dcm": _COLOUR.format("RGB"),
+    "SC_rgb_rle_2frame.dcm": _COLOUR.format("RGB"),
     "SC_rgb_rle_32bit.dcm": _COLOUR.format("RGB"),
-    "SC_rgb_rle_32bit_2frame.dcm": _MULTIFRAME.format(2),
+    "SC_rgb_rle_32bit_2frame.dcm": _COLOUR.format("RGB"),
     "SC_rgb_small_odd.dcm": _COLOUR.format("RGB"),
     "SC_rgb_small_odd_big_endian.dcm": _COLOUR.format("RGB"),
     "SC_rgb_small_odd_jpeg.dcm": _COLOUR.format("YBR_FULL"),
@@ -356,7 +355,7 @@ EXPECTED = {
     "examples_overlay.dcm": "ok",
     "examples_palette.dcm": _COLOUR.format("PALETTE COLOR"),
     "examples_rgb_color.dcm": _COLOUR.format("RGB"),
-    "examples_ybr_color.dcm": _MULTIFRAME.format(30),
+    "examples_ybr_color.dcm": _COLOUR.format("YBR_FULL_422"),
     "image_dfl.dcm": _NO_GEOMETRY,
     "liver_1frame.dcm": "non-image object: SEG",
     "liver_expb_1frame.dcm": "non-image object: SEG",

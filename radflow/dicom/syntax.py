@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
+from pydicom.pixels import pixel_array
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
     UID,
@@ -101,12 +102,15 @@ def _plugin_for(uid: UID) -> str:
     return PINNED_PLUGIN if PINNED_PLUGIN in get_decoder(uid).available_plugins else ""
 
 
-def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """The stored pixel values of a single-frame dataset, decoded with the pinned decoder.
+def decode_pixels(ds: pydicom.Dataset, index: int | None = None) -> np.ndarray:
+    """The stored pixel values of a dataset, decoded with the pinned decoder.
 
-    Output: pydicom's `pixel_array` (signed or unsigned per PixelRepresentation, not
-    rescaled). Raises DecodeError naming the syntax if it is unsupported, its decoder is
-    not installed or the decoder rejects the data.
+    Inputs: a dataset with pixel data; `index`, the 0-based frame of a multi-frame
+    dataset to decode (None: all frames). Output: (rows, columns) for one frame, else
+    (frames, rows, columns), signed or unsigned per PixelRepresentation, not rescaled.
+    Nothing is cached on `ds`, so decoding frame after frame holds one frame at a time.
+    Raises DecodeError naming the syntax if it is unsupported, its decoder is not
+    installed or the decoder rejects the data.
     """
     uid = transfer_syntax(ds)
     problem = syntax_problem(uid)
@@ -115,9 +119,8 @@ def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
     meta = getattr(ds, "file_meta", None)
     if meta is not None and "TransferSyntaxUID" not in meta:
         meta.TransferSyntaxUID = uid  # a file without meta: pydicom needs it to decode
-    ds.pixel_array_options(decoding_plugin=_plugin_for(uid))
     try:
-        return np.asarray(ds.pixel_array)
+        return np.asarray(pixel_array(ds, index=index, decoding_plugin=_plugin_for(uid)))
     except Exception as exc:  # the decoder's own complaint, reduced to one line
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = lines[-1] if lines else type(exc).__name__
