@@ -13,5 +13,7 @@ rule convert:
     params:
         dicom_root=get_dicom_root,
         compression_level=config["convert"]["compression_level"],
+        uneven_spacing=config["convert"]["uneven_spacing"],
+        gantry_tilt=config["convert"]["gantry_tilt"],
     script:
         "../scripts/convert.py"
