@@ -38,6 +38,8 @@ rule figures:
     conda:
         "../envs/figures.yaml"
     threads: 1
+    resources:
+        **get_resources("figures"),
     script:
         "../scripts/figures.py"
 
@@ -66,6 +68,8 @@ rule gradcam:
     conda:
         "../envs/figures.yaml"
     threads: get_threads("figures")
+    resources:
+        **get_resources("gradcam"),
     params:
         task=config["task"],
         layer=config["figures"]["cam_layer"],

@@ -8,6 +8,8 @@ rule preprocess:
     conda:
         "../envs/preprocess.yaml"
     threads: get_threads("preprocess")
+    resources:
+        **get_resources("preprocess"),
     params:
         preprocess=config["preprocess"],
     script:

@@ -1,5 +1,6 @@
 """Streamed conversion: write_nifti against the in-memory nibabel writer convert used
-before, slice-by-slice decoding (int16 -> int32 widening), and how a shard uses cores."""
+before, slice-by-slice decoding (direct reads of uncompressed data, int16 -> int32
+widening), and how a shard uses cores."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ import pytest
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from radflow.dicom import radflow_version
-from radflow.dicom.convert import build_volume, decode_slice, plan_workers, read_headers
+from radflow.dicom.convert import (
+    ConversionError,
+    build_volume,
+    load_slices,
+    plan_workers,
+    slice_pixels,
+)
 from radflow.dicom.nifti import write_nifti
 
 AFFINE = np.array([[-0.6, 0.1, 0, 12.5], [0, -0.8, 0.2, -3], [0, 0, 2.5, 40], [0, 0, 0, 1]])
@@ -81,45 +88,38 @@ def test_write_nifti_is_atomic(tmp_path):
     assert np.asanyarray(nib.load(path).dataobj).max() == 2
 
 
-def _header(bits_stored=16, signed=True, slope=1.0, intercept=0.0, photometric="MONOCHROME2"):
+def _slice(pixels, bits_stored=16, slope=1.0, intercept=0.0, photometric="MONOCHROME2"):
+    """An in-memory single-frame dataset holding `pixels` uncompressed."""
     ds = pydicom.Dataset()
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = 3, 4, 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored = 16, bits_stored
-    ds.PixelRepresentation = int(signed)
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored = pixels.dtype.itemsize * 8, bits_stored
+    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = b""  # present; the values come from read_pixels
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
     return ds
 
 
 def test_build_volume_decodes_slice_by_slice_and_widens_once():
     """int16 while the values fit; a later slice beyond int16 widens the volume to int32
     keeping the slices before, as the whole-volume conversion did."""
-    slices = [np.full((3, 4), v, np.int16) for v in (-1000, 2000, 32000)]
-    asked = []
-
-    def read(k):
-        asked.append(k)
-        return slices[k]
-
-    headers = [_header(intercept=1024) for _ in slices]
-    volume, notes = build_volume(headers, read)
-    assert asked == [0, 1, 2]
+    slices = [_slice(np.full((3, 4), v, np.int16), intercept=1024) for v in (-1000, 2000, 32000)]
+    volume, notes = build_volume(slices)
     assert volume.dtype == np.int32
     np.testing.assert_array_equal(volume[:, 0, 0], [24, 3024, 33024])
-    volume, _ = build_volume(headers[:2], read)
+    volume, _ = build_volume(slices[:2])
     assert volume.dtype == np.int16
     assert notes["rescale_applied"] is True
 
 
 def test_build_volume_monochrome1_and_float():
     pixels = np.array([[0, 1, 2, 4095]] * 3, np.uint16)
-    inverted, notes = build_volume(
-        [_header(12, False, 2.0, -100.0, "MONOCHROME1")], lambda k: pixels
-    )
+    inverted, notes = build_volume([_slice(pixels, 12, 2.0, -100.0, "MONOCHROME1")])
     np.testing.assert_array_equal(inverted[0], (-100 + 8090) - (2 * pixels.astype(int) - 100))
     assert inverted.dtype == np.int16 and notes["inverted_monochrome1"] is True
-    floats, _ = build_volume([_header(12, False, 0.5, -1024.5)], lambda k: pixels)
+    floats, _ = build_volume([_slice(pixels, 12, 0.5, -1024.5)])
     assert floats.dtype == np.float32
     np.testing.assert_array_equal(floats[0], pixels * 0.5 - 1024.5)
 
@@ -144,27 +144,25 @@ def test_plan_workers(units, threads, expected):
         (ExplicitVRLittleEndian, 32, True),
     ],
 )
-def test_decode_slice_equals_pydicom(tmp_path, syntax, bits, signed):
+def test_slice_pixels_equals_pydicom(tmp_path, syntax, bits, signed):
     """The direct read of uncompressed pixel data gives pydicom's values and type."""
     rng = np.random.default_rng(bits)
     dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
     info = np.iinfo(dtype)
-    # 190 x 180 x 16 bits is beyond read_headers' deferral size: read at its offset
+    # 190 x 180 x 16 bits is beyond load_slices' deferral size: read at its offset
     pixels = rng.integers(max(info.min, -3000), min(info.max, 3000), (190, 180), dtype=dtype)
     if syntax == ExplicitVRBigEndian:
         pixels = pixels.astype(dtype.newbyteorder(">"))
-    ds = _header(bits_stored=bits, signed=signed)
-    ds.Rows, ds.Columns, ds.BitsAllocated = 190, 180, bits
+    ds = _slice(pixels.astype(dtype), bits_stored=bits)
     ds.PixelData = pixels.tobytes() + (b"\0" if pixels.nbytes % 2 else b"")
     ds["PixelData"].VR = "OB" if bits == 8 else "OW"
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
     path = tmp_path / "slice.dcm"
     ds.save_as(path, enforce_file_format=True)
-    header = read_headers([path])[0]
-    decoded = decode_slice(path, header)
+    header = load_slices([("slice.dcm", "")], tmp_path)[0]
+    decoded = slice_pixels(header)
     reference = pydicom.dcmread(path).pixel_array
     assert decoded.dtype == reference.dtype.newbyteorder("=")  # pydicom keeps '>' order
     assert decoded.dtype.isnative
@@ -173,5 +171,5 @@ def test_decode_slice_equals_pydicom(tmp_path, syntax, bits, signed):
     if bits > 8:
         assert header.get_item(0x7FE00010, keep_deferred=True).value is None  # not cached
     path.write_bytes(path.read_bytes()[:-6])  # truncated: pydicom's own complaint
-    with pytest.raises(ValueError):
-        decode_slice(path, read_headers([path])[0])
+    with pytest.raises(ConversionError, match="could not be decoded"):
+        slice_pixels(load_slices([("slice.dcm", "")], tmp_path)[0])
