@@ -173,3 +173,22 @@ def test_slice_pixels_equals_pydicom(tmp_path, syntax, bits, signed):
     path.write_bytes(path.read_bytes()[:-6])  # truncated: pydicom's own complaint
     with pytest.raises(ConversionError, match="could not be decoded"):
         slice_pixels(load_slices([("slice.dcm", "")], tmp_path)[0])
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_slice_pixels_ignores_bits_above_bits_stored(tmp_path, signed):
+    """12 bits stored in 16: the high bits may hold anything (old overlays) and a signed
+    value's sign bit is bit 11, as pydicom's decoder reads it."""
+    stored = np.array([[(-5) & 0x0FFF, 0xF000 | 7], [0x0800, 0x07FF]], dtype=np.uint16)
+    stored = np.tile(stored, (100, 100))  # beyond the deferral size: read at its offset
+    ds = _slice(stored.astype(np.int16 if signed else np.uint16), bits_stored=12)
+    ds.PixelRepresentation = int(signed)
+    ds.PixelData = stored.tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.save_as(tmp_path / "slice.dcm", enforce_file_format=True)
+    decoded = slice_pixels(load_slices([("slice.dcm", "")], tmp_path)[0])
+    expected = [[-5, 7], [-2048, 2047]] if signed else [[4091, 7], [2048, 2047]]
+    np.testing.assert_array_equal(decoded[:2, :2], expected)
+    np.testing.assert_array_equal(decoded, pydicom.dcmread(tmp_path / "slice.dcm").pixel_array)

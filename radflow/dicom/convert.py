@@ -643,7 +643,16 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
     if len(data) < size:
         return None
     pixels = np.frombuffer(data, dtype, count=size // dtype.itemsize)
-    return pixels.reshape(int(ds.Rows), -1).astype(dtype.newbyteorder("="))
+    pixels = pixels.reshape(int(ds.Rows), -1).astype(dtype.newbyteorder("="))
+    # Bits above BitsStored are undefined (old overlays live there) and a signed value's
+    # sign bit is bit BitsStored - 1: mask or sign-extend, as pydicom's decoder does.
+    unused = dtype.itemsize * 8 - int(ds.get("BitsStored") or dtype.itemsize * 8)
+    if 0 < unused < dtype.itemsize * 8:
+        if dtype.kind == "i":
+            pixels = (pixels << unused) >> unused  # arithmetic shift keeps the sign
+        else:
+            pixels &= (1 << (dtype.itemsize * 8 - unused)) - 1
+    return pixels
 
 
 def slice_pixels(ds: pydicom.Dataset) -> np.ndarray:
