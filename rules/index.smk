@@ -1,4 +1,4 @@
-rule index:
+checkpoint index:
     input:
         dicom=get_dicom_input(),
         labels=config["data"]["labels_table"],
@@ -24,7 +24,7 @@ rule index:
     params:
         dicom_root=get_dicom_root,
         labels=get_label_params(),
-        n_shards=config["shards"],
+        n_shards=N_SHARDS,
         tree_fingerprint=get_tree_fingerprint(),
     script:
         "../scripts/index.py"

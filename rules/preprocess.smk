@@ -1,6 +1,9 @@
 rule preprocess:
     input:
-        f"{RESULTS}/nifti/{{shard}}",
+        nifti=f"{RESULTS}/nifti/{{shard}}",
+        # unused by the script: makes the job re-planned once `index` has rerun (see
+        # get_shard_files), so an unchanged shard is not preprocessed again
+        files=get_shard_files,
     output:
         directory(f"{RESULTS}/preprocessed/{{shard}}"),
     log:
