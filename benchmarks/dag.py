@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -203,9 +204,11 @@ def main() -> None:
         small = measure(base / "small", args.small)
         large = measure(base / "large", args.series)
 
-    print(
-        f"machine: {platform.machine()}, {platform.processor() or '?'}, python {platform.python_version()}"
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
+        platform.processor() or "?",
     )
+    print(f"machine: {cpu}, {os.cpu_count()} cores, python {platform.python_version()}")
     print(f"snakemake --version (start-up): {startup_s:.2f} s")
     print("series   shards  jobs  plan (s)  no-op (s)  no-op jobs  build (s)")
     for r in (small, large):
