@@ -69,13 +69,25 @@ def get_tree_fingerprint():
     )
 
 
+# `index` is a checkpoint, and every rule after it lists one index table through one of
+# the two functions below, which ask for the checkpoint first. When the index has to
+# rerun, Snakemake re-plans exactly the jobs that list a checkpoint output once it has
+# finished (without them it would rerun everything downstream): a table the index
+# rewrote byte-identically is newer than the outputs made from it but keeps the checksum
+# Snakemake recorded, so an unchanged shard is not reconverted and, if the labelled
+# units did not change, nothing is retrained. The other inputs stay plain paths, so a
+# dry run still shows every job.
 def get_shard_files(wildcards):
-    """The private file list of one shard. `index` is a checkpoint so that, once it has
-    rerun, Snakemake re-plans the shards: a shard table rewritten byte-identically is
-    newer than its conversion but has the checksum Snakemake recorded, so that shard is
-    not reconverted (within the same run, not only in the next one)."""
+    """The private file list of one shard (read by convert; listed by preprocess)."""
     checkpoints.index.get()
     return f"{PRIVATE}/{C.SHARD_INDEX_DIR}/{wildcards.shard}.tsv"
+
+
+def get_series_table(wildcards):
+    """results/index/series.tsv: the labelled units that every stage after the split
+    derives from (read by split; listed by the later rules, see above)."""
+    checkpoints.index.get()
+    return f"{RESULTS}/index/{C.SERIES_TABLE}"
 
 
 def get_annotations_input():

@@ -1,9 +1,7 @@
 rule preprocess:
     input:
         nifti=f"{RESULTS}/nifti/{{shard}}",
-        # unused by the script: makes the job re-planned once `index` has rerun (see
-        # get_shard_files), so an unchanged shard is not preprocessed again
-        files=get_shard_files,
+        shard_files=get_shard_files,  # re-planned after the index (rules/common.smk)
     output:
         directory(f"{RESULTS}/preprocessed/{{shard}}"),
     log:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -224,6 +225,19 @@ def test_own_data_runs_the_same_study_and_new_files_rerun_the_index(tmp_path):
     assert (workdir / "results" / "evaluate" / "metrics.json").exists()
     assert (tmp_path / "secret" / "study.key").stat().st_mode & 0o077 == 0  # private key
     assert planned_jobs(workdir, [own]) == {}
+    # a file touched (same content, new mtime) reruns the index, which rewrites the same
+    # tables: Snakemake re-plans after the index checkpoint and nothing else reruns
+    outputs = [
+        p for p in (workdir / "results").rglob("*") if p.is_file() and "index" not in p.parts
+    ]
+    mtimes = {p: p.stat().st_mtime_ns for p in outputs if "logs" not in p.parts}
+    os.utime(next(dicom.rglob("IM*")))
+    done = snakemake(workdir, configs=[own])
+    assert re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):", done.stderr, re.M) == [
+        "index",
+        "all",  # collects targets only, runs nothing
+    ]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     # a new file in the export changes the tree fingerprint: the index reruns
     extra = next(p for p in dicom.rglob("IM*") if p.stat().st_size > 10_000)
     (dicom / "late_arrival").mkdir()
@@ -307,7 +321,6 @@ def test_killed_run_resumes_without_redoing_finished_stages(study, tmp_path):
     documented recovery (`--unlock`, then the same command again):
     index/convert/preprocess/split are not redone, no half-written output looked
     finished, and the results equal the uninterrupted `study` run's."""
-    import os
     import signal
     import time
 
