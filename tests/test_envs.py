@@ -292,3 +292,17 @@ def test_a_rule_without_env_is_caught():
     rules = parse_rules(text)
     assert rules["a"]["conda"] == "../envs/a.yaml" and rules["a"]["script"] == "../scripts/a.py"
     assert "shell" in rules["b"] and "conda" not in rules["b"]
+
+
+def test_version_known_without_installing_radflow(monkeypatch):
+    """The conda envs do not install radflow; sidecars still name its version."""
+    from importlib import metadata
+
+    from radflow.dicom import radflow_version
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert radflow_version() == expected != "unknown"
