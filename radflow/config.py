@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from radflow import conventions as C
+
 RESULTS_DIR = "results"
 
 
@@ -31,7 +33,7 @@ def check_config(config: dict) -> None:
     synthetic = synth["enabled"]
 
     def need_file(key: str, path: str | None, kind: str) -> None:
-        if path is None or synthetic:
+        if not path or synthetic:  # None or "" means not given
             return
         p = Path(path)
         exists = p.is_dir() if kind == "folder" else p.is_file()
@@ -67,6 +69,15 @@ def check_config(config: dict) -> None:
             problems.append(
                 f"{key}: {path!r} lies inside {RESULTS_DIR}/, which must stay free of "
                 "identifiers; move it outside results/"
+            )
+    # The schema's enums say the same; repeated here for configs checked without it.
+    convert = config.get("convert", {})
+    for key, choices in (("uneven_spacing", C.UNEVEN_SPACING_CHOICES),
+                         ("gantry_tilt", C.GANTRY_TILT_CHOICES)):  # fmt: skip
+        value = convert.get(key, choices[0])
+        if value not in choices:
+            problems.append(
+                f"convert.{key}: {value!r} is not one of {', '.join(choices)}; choose one"
             )
     if problems:
         raise ConfigError("invalid radflow configuration:\n  - " + "\n  - ".join(problems))

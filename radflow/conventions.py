@@ -26,6 +26,12 @@ REASON = "reason"  # human-readable reason a file or series was left out
 PROB = "prob"  # predicted probability of the positive class
 MODALITY = "modality"  # DICOM Modality of an image unit (CT, MR, DX...)
 PATH = "path"  # file path relative to the DICOM root: PRIVATE tables only (may name patients)
+#: Frames of a multi-frame file that belong to a unit: 0-based indices separated by spaces,
+#: in file order; empty for a single-frame file or every frame (private shard tables only).
+FRAMES = "frames"
+#: Values of the convert.uneven_spacing and convert.gantry_tilt settings (default first).
+UNEVEN_SPACING_CHOICES = ("resample", "reject")
+GANTRY_TILT_CHOICES = ("correct", "reject")
 ROW_PX = "row_px"  # 0-based row index of an annotated point in the stored DICOM image
 COL_PX = "col_px"  # 0-based column index of an annotated point in the stored DICOM image
 DIAMETER_MM = "diameter_mm"  # annotated lesion diameter, mm
@@ -126,6 +132,7 @@ def shard_name(shard: int) -> str:
 NIFTI_SUFFIX = ".nii.gz"
 SIDECAR_SUFFIX = ".json"
 MANIFEST = "manifest.tsv"  # per-shard table written by convert and preprocess
+SKIPPED_TABLE = "skipped.tsv"  # preprocess: converted units left out, with the reason
 SERIES_TABLE = "series.tsv"  # index: one row per labelled image unit (results, PHI-free)
 QUARANTINE_TABLE = "quarantine.tsv"  # index: left-out files and units (results, PHI-free)
 ANNOTATIONS_TABLE = "annotations.tsv"  # index: lesion points joined to units (results)

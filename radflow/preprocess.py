@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -208,13 +209,32 @@ def preprocess_shard(
 
     Input: `nifti_dir`, the convert stage's shard folder (its manifest lists the units
     converted ok; each unit's sidecar gives its modality).
-    Outputs, in `out_dir`: `images.npy` of shape (N, 1, *target_shape_px) and
+    Outputs, in `out_dir`: `images.npy` of shape (N, 1, *target_shape_px),
     `manifest.tsv` (series_pid, index, in_shape, in_spacing_mm, scale, offset,
-    out_spacing_mm), rows in array order. Returns the manifest.
+    out_spacing_mm), rows in array order, and `skipped.tsv` (series_pid, reason) for
+    converted units whose dimensionality is not the study's. Returns the manifest.
     """
     nifti_dir, out_dir = Path(nifti_dir), Path(out_dir)
     converted = pd.read_csv(nifti_dir / C.MANIFEST, sep="\t", dtype=str, keep_default_na=False)
     converted = converted[converted["status"] == "ok"].sort_values(C.SERIES_PID)
+    # A study has one image dimensionality (len(target_shape_px)); a unit of another
+    # (a CT volume in a radiograph study, a single-slice volume in a 3D study) is left out
+    # with its reason rather than failing the shard.
+    wanted_ndim = len(settings.target_shape_px)
+    unit_ndim = pd.to_numeric(converted["ndim"], errors="coerce")
+    wrong = converted[unit_ndim != wanted_ndim]
+    skipped = pd.DataFrame(
+        {
+            C.SERIES_PID: wrong[C.SERIES_PID],
+            C.REASON: [
+                f"{n}D image in a {wanted_ndim}D study (preprocess.target_shape_px has "
+                f"{wanted_ndim} sizes)"
+                for n in wrong["ndim"]
+            ],
+        },
+        columns=[C.SERIES_PID, C.REASON],
+    )
+    converted = converted[unit_ndim == wanted_ndim]
     jobs = [
         (
             pid,
@@ -263,7 +283,13 @@ def preprocess_shard(
     )
     tmp_manifest = out_dir / f".{C.MANIFEST}.tmp"
     manifest.to_csv(tmp_manifest, sep="\t", index=False)
+    tmp_skipped = out_dir / f".{C.SKIPPED_TABLE}.tmp"
+    skipped.to_csv(tmp_skipped, sep="\t", index=False)
+    if len(skipped):
+        print(f"preprocess: left out {len(skipped)} unit(s) of another dimensionality "
+              f"(listed in {C.SKIPPED_TABLE})", file=sys.stderr)  # fmt: skip
     os.replace(tmp_array, out_dir / C.PREPROCESSED_ARRAY)
+    os.replace(tmp_skipped, out_dir / C.SKIPPED_TABLE)
     os.replace(tmp_manifest, out_dir / C.MANIFEST)
     return manifest
 

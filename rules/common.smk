@@ -50,6 +50,13 @@ def get_threads(stage):
     return config["threads"][stage]
 
 
+def get_resources(rule):
+    """Wall time (minutes) and memory (MB) of one rule's jobs, from config `resources`;
+    a cluster executor turns them into sbatch -t / --mem."""
+    job = config["resources"][rule]
+    return {"runtime": job["runtime_min"], "mem_mb": job["mem_mb"]}
+
+
 def get_dicom_input():
     """The synthetic cohort is a rule output; a user's DICOM tree is not, so its content
     is tracked through a fingerprint parameter instead (see get_tree_fingerprint)."""

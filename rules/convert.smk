@@ -8,8 +8,12 @@ rule convert:
     conda:
         "../envs/dicom.yaml"
     threads: get_threads("convert")
+    resources:
+        **get_resources("convert"),
     params:
         dicom_root=get_dicom_root,
         compression_level=config["convert"]["compression_level"],
+        uneven_spacing=config["convert"]["uneven_spacing"],
+        gantry_tilt=config["convert"]["gantry_tilt"],
     script:
         "../scripts/convert.py"

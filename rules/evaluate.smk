@@ -17,6 +17,8 @@ rule evaluate:
     conda:
         "../envs/evaluate.yaml"
     threads: 1
+    resources:
+        **get_resources("evaluate"),
     params:
         evaluate=config["evaluate"],
     script:

@@ -39,6 +39,8 @@ rule figures:
     conda:
         "../envs/figures.yaml"
     threads: 1
+    resources:
+        **get_resources("figures"),
     script:
         "../scripts/figures.py"
 
@@ -67,6 +69,8 @@ rule gradcam:
     conda:
         "../envs/figures.yaml"
     threads: get_threads("figures")
+    resources:
+        **get_resources("gradcam"),
     params:
         task=config["task"],
         layer=config["figures"]["cam_layer"],

@@ -21,6 +21,8 @@ checkpoint index:
     conda:
         "../envs/dicom.yaml"
     threads: get_threads("index")
+    resources:
+        **get_resources("index"),
     params:
         dicom_root=get_dicom_root,
         labels=get_label_params(),

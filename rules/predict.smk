@@ -12,6 +12,7 @@ rule predict:
         "../envs/train.yaml"
     threads: get_threads("predict")
     resources:
+        **get_resources("predict"),
         gpu=1,
     params:
         task=config["task"],

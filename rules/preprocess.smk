@@ -9,6 +9,8 @@ rule preprocess:
     conda:
         "../envs/preprocess.yaml"
     threads: get_threads("preprocess")
+    resources:
+        **get_resources("preprocess"),
     params:
         preprocess=config["preprocess"],
     script:

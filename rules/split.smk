@@ -8,6 +8,8 @@ rule split:
     conda:
         "../envs/preprocess.yaml"
     threads: 1
+    resources:
+        **get_resources("split"),
     params:
         split=config["split"],
         seed=config["seed"],

@@ -11,6 +11,8 @@ if SYNTHETIC:
         conda:
             "../envs/dicom.yaml"
         threads: get_threads("synthesize")
+        resources:
+            **get_resources("synthesize"),
         params:
             cohort=config["synthesize"],
         script:

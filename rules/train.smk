@@ -14,6 +14,7 @@ rule train:
         "../envs/train.yaml"
     threads: get_threads("train")
     resources:
+        **get_resources("train"),
         gpu=1,
     params:
         task=config["task"],

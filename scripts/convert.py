@@ -16,6 +16,8 @@ with log_to(snakemake.log[0]):
         snakemake.output[0],
         threads=snakemake.threads,
         compression_level=snakemake.params.compression_level,
+        uneven_spacing=snakemake.params.uneven_spacing,
+        gantry_tilt=snakemake.params.gantry_tilt,
     )
     failed = manifest[manifest["status"] != "ok"]
     print(f"converted {len(manifest) - len(failed)} units, {len(failed)} failed")

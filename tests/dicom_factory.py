@@ -252,6 +252,8 @@ def write_volume(
     instance_numbers: Sequence[int] | None = None,
     rng: random.Random | None = None,
     extra: dict | None = None,
+    shear: Sequence[float] | None = None,
+    value_offset: int = 0,
 ) -> list[Path]:
     """Write a CT/MR series of `n_slices` parallel slices and return the file paths.
 
@@ -260,7 +262,9 @@ def write_volume(
     several folders when a sequence of folders is given (one series across folders). With
     `shuffle`, slices are written in random order under random file names. The stored
     value of voxel (slice k, row r, col c) is ``1000 + 100*k + 7*r + c`` (plus 1 for r<2
-    and c<3 to mark the top-left corner), so tests can check every axis.
+    and c<3 to mark the top-left corner) + `value_offset`, so tests can check every axis.
+    `shear` (LPS vector) shifts slice k in-plane by ``slice_positions[k] * shear`` (a tilted
+    CT gantry); `extra` values of None delete the element (e.g. RescaleSlope).
     """
     rng = rng or random.Random(0)
     folders = [Path(folder)] if isinstance(folder, (str, Path)) else [Path(f) for f in folder]
@@ -290,10 +294,12 @@ def write_volume(
             series_uid=series_uid,
         )
         rr, cc = np.mgrid[0:rows, 0:cols]
-        pixels = 1000 + 100 * k + 7 * rr + cc
+        pixels = 1000 + 100 * k + 7 * rr + cc + value_offset
         pixels[:2, :3] += 1
         _set_pixels(ds, pixels, bits_stored=bits_stored, signed=signed, photometric="MONOCHROME2")
         ipp = np.asarray(origin, float) + positions[k] * n
+        if shear is not None:
+            ipp = ipp + positions[k] * np.asarray(shear, float)
         ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
         ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*r, *c)]
         ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
@@ -314,10 +320,167 @@ def write_volume(
             ds.EchoTime = 12
             ds.FlipAngle = 90
         for key, v in (extra or {}).items():
-            setattr(ds, key, v)
+            if v is None:
+                delattr(ds, key)
+            else:
+                setattr(ds, key, v)
         name = f"{rng.getrandbits(40):010x}" if random_names else f"slice{k:03d}.dcm"
         paths.append(_save(ds, folders[written % len(folders)] / name))
     return paths
+
+
+def enhanced_value(k: int, r: int, c: int, echo: int = 0, time: int = 0) -> int:
+    """Stored value of `write_enhanced` at position index k, row r, column c."""
+    return 1000 + 100 * k + 7 * r + c + 30 * echo + 500 * time + (1 if r < 2 and c < 3 else 0)
+
+
+def write_enhanced(
+    path: str | Path,
+    *,
+    patient_id: str,
+    accession: str,
+    modality: str = "MR",
+    n_slices: int = 4,
+    echo_times: Sequence[float] = (10.0,),
+    n_times: int = 1,
+    rows: int = 12,
+    cols: int = 10,
+    pixel_spacing: Sequence[float] = (0.8, 0.6),
+    slice_gap: float = 2.5,
+    row_cosines: Sequence[float] = (1, 0, 0),
+    col_cosines: Sequence[float] = (0, 1, 0),
+    origin: Sequence[float] = (-30.0, -40.0, 15.0),
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    shuffle: bool = True,
+    rng: random.Random | None = None,
+) -> Path:
+    """One enhanced (multi-frame) MR or CT file: n_slices x echoes x time points frames.
+
+    Geometry is in the shared functional groups (PlaneOrientationSequence,
+    PixelMeasuresSequence, PixelValueTransformationSequence) and per frame
+    (PlanePositionSequence, FrameContentSequence with StackID "1", InStackPositionNumber,
+    TemporalPositionIndex, MREchoSequence for MR), with a DimensionIndexSequence (stack,
+    in-stack position, temporal position, echo time for MR) as dcm2niix needs to sort. Frames are stored in random order with
+    `shuffle`. Stored values: `enhanced_value(k, r, c, echo index, time index)`.
+    """
+    rng = rng or random.Random(1)
+    sop_class = "1.2.840.10008.5.1.4.1.1.4.1" if modality == "MR" else (
+        "1.2.840.10008.5.1.4.1.1.2.1")  # fmt: skip
+    ds = _base(sop_class, modality, patient_id=patient_id, accession=accession,
+               study_uid=new_uid(), series_uid=new_uid())  # fmt: skip
+    frame_uid = new_uid()
+    ds.FrameOfReferenceUID = frame_uid
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M" if modality == "MR" else "AXIAL", "NONE"]
+    ds.InstanceNumber = 1
+    ds.ContentQualification = "PRODUCT"
+    r = np.asarray(row_cosines, float)
+    c = np.asarray(col_cosines, float)
+    n = np.cross(r, c)
+    frames = [(k, e, t) for t in range(n_times) for e in range(len(echo_times))
+              for k in range(n_slices)]  # fmt: skip
+    if shuffle:
+        rng.shuffle(frames)
+    shared = Dataset()
+    orient = Dataset()
+    orient.ImageOrientationPatient = [f"{v:.8f}" for v in (*r, *c)]
+    shared.PlaneOrientationSequence = DicomSequence([orient])
+    measures = Dataset()
+    measures.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
+    measures.SliceThickness = f"{slice_gap:g}"
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    transform = Dataset()
+    transform.RescaleSlope = f"{slope:g}"
+    transform.RescaleIntercept = f"{intercept:g}"
+    transform.RescaleType = "US" if modality == "MR" else "HU"
+    shared.PixelValueTransformationSequence = DicomSequence([transform])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    dimension_uid = new_uid()
+    dimensions = []
+    for pointer, group in ((0x00209056, 0x00209111), (0x00209057, 0x00209111),
+                           (0x00209128, 0x00209111), (0x00189082, 0x00189114))[
+                               : 4 if modality == "MR" else 3]:  # fmt: skip
+        dim = Dataset()
+        dim.DimensionOrganizationUID = dimension_uid
+        dim.DimensionIndexPointer = pointer
+        dim.FunctionalGroupPointer = group
+        dimensions.append(dim)
+    ds.DimensionIndexSequence = DicomSequence(dimensions)
+    per_frame = []
+    stack = []
+    rr, cc = np.mgrid[0:rows, 0:cols]
+    for k, e, t in frames:
+        item = Dataset()
+        position = Dataset()
+        position.ImagePositionPatient = [
+            f"{v:.6f}" for v in np.asarray(origin, float) + k * slice_gap * n
+        ]
+        item.PlanePositionSequence = DicomSequence([position])
+        content = Dataset()
+        content.StackID = "1"
+        content.InStackPositionNumber = k + 1
+        content.TemporalPositionIndex = t + 1
+        content.DimensionIndexValues = [1, k + 1, t + 1, e + 1][: len(dimensions)]
+        item.FrameContentSequence = DicomSequence([content])
+        if modality == "MR":
+            echo = Dataset()
+            echo.EffectiveEchoTime = float(echo_times[e])
+            item.MREchoSequence = DicomSequence([echo])
+        per_frame.append(item)
+        pixels = np.vectorize(enhanced_value)(k, rr, cc, e, t)
+        stack.append(pixels.astype(np.uint16))
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    ds.NumberOfFrames = len(frames)
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(np.stack(stack)).tobytes()
+    if modality == "MR":
+        ds.MagneticFieldStrength = 3
+    else:
+        ds.KVP = 120
+    _PLANTED.add(frame_uid)
+    return _save(ds, Path(path))
+
+
+def write_legacy_multiframe(
+    path: str | Path,
+    *,
+    patient_id: str,
+    accession: str,
+    n_frames: int = 3,
+    rows: int = 12,
+    cols: int = 10,
+    spacing_between_slices: float | None = 2.5,
+    origin: Sequence[float] = (-30.0, -40.0, 15.0),
+) -> Path:
+    """A legacy (non-enhanced) multi-frame CT: NumberOfFrames, one ImagePositionPatient
+    (frame 0), axial orientation, SpacingBetweenSlices, no functional groups. Stored value
+    of frame k: ``1000 + 100*k + 7*r + c`` (+1 for r<2 and c<3), as `write_volume`."""
+    ds = _base(CTImageStorage, "CT", patient_id=patient_id, accession=accession,
+               study_uid=new_uid(), series_uid=new_uid())  # fmt: skip
+    rr, cc = np.mgrid[0:rows, 0:cols]
+    frames = []
+    for k in range(n_frames):
+        pixels = 1000 + 100 * k + 7 * rr + cc
+        pixels[:2, :3] += 1
+        frames.append(pixels.astype(np.uint16))
+    _set_pixels(ds, frames[0], bits_stored=12, signed=False, photometric="MONOCHROME2")
+    ds.PixelData = np.ascontiguousarray(np.stack(frames)).tobytes()
+    ds.NumberOfFrames = n_frames
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in origin]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.PixelSpacing = ["0.8", "0.6"]
+    ds.SliceThickness = "2.5"
+    if spacing_between_slices is not None:
+        ds.SpacingBetweenSlices = f"{spacing_between_slices:g}"
+    ds.RescaleSlope, ds.RescaleIntercept = "1", "-1024"
+    ds.InstanceNumber = 1
+    return _save(ds, Path(path))
 
 
 def write_sr(path: str | Path, *, patient_id: str, accession: str) -> Path:

@@ -4,9 +4,6 @@ failures, determinism and privacy of the NIfTI + sidecar outputs."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,12 +11,21 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 
 from radflow import conventions as C
-from radflow.dicom.convert import MANIFEST_COLUMNS, convert_shard
+from radflow.dicom.convert import (
+    MANIFEST_COLUMNS,
+    ConversionError,
+    convert_shard,
+    convert_unit,
+    volume_geometry,
+)
 from radflow.dicom.index import build_index, list_files
 from radflow.dicom.nifti import read_image
 
+from dcm2niix_reference import assert_same_grid, run_dcm2niix, run_dcm2niix_all
 from dicom_factory import (
     assert_phi_free,
     asymmetric_pattern,
@@ -83,6 +89,25 @@ def units(tmp_path_factory):
                                            instance_numbers=[3, 5, 1, 4, 2]))  # fmt: skip
     add("ct_uneven", "CT", write_volume(at("ct_uneven"), **ids, n_slices=4,
                                         slice_positions=[0, 2.5, 5, 10]))  # fmt: skip
+    add("mr_coronal", "MR", write_volume(
+        at("mr_coronal"), **ids, modality="MR", n_slices=4, rows=7, cols=9,
+        pixel_spacing=(1.3, 0.7), slice_gap=3.5, row_cosines=(1, 0, 0), col_cosines=(0, 0, -1),
+        intercept=0,
+    ))  # fmt: skip
+    tilt = np.tan(np.deg2rad(20))
+    add("ct_tilt", "CT", write_volume(
+        at("ct_tilt"), **ids, n_slices=5, slice_gap=2.5, intercept=0, shear=(0, tilt, 0),
+        extra={"GantryDetectorTilt": "-20"},
+    ))  # fmt: skip
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 16]
+    lut.ModalityLUTType = "HU"
+    lut.add_new(0x00283006, "US", [int(v) for v in np.arange(4096) * 2 + 3])
+    add("ct_lut", "CT", write_volume(
+        at("ct_lut"), **ids, n_slices=3,
+        extra={"RescaleSlope": None, "RescaleIntercept": None,
+               "ModalityLUTSequence": DicomSequence([lut])},
+    ))  # fmt: skip
     add("colour", "DX", write_projection(at("colour"), **ids,
                                          extra={"PhotometricInterpretation": "PALETTE COLOR"}))  # fmt: skip
     add("corrupt", "DX", truncate(write_projection(at("corrupt"), **ids, rows=40, cols=40)))
@@ -117,10 +142,9 @@ def test_manifest(units):
     assert list(m.columns) == MANIFEST_COLUMNS
     assert list(m[C.SERIES_PID]) == sorted(m[C.SERIES_PID])
     status = dict(zip(m[C.SERIES_PID], m[C.STATUS], strict=True))
-    failed = {"ser-ct_uneven", "ser-colour", "ser-corrupt"}
+    failed = {"ser-colour", "ser-corrupt"}
     assert {k for k, v in status.items() if v == C.STATUS_FAILED} == failed
     reason = dict(zip(m[C.SERIES_PID], m[C.REASON], strict=True))
-    assert reason["ser-ct_uneven"].startswith("uneven slice spacing: steps of 2.5, 5 mm")
     assert reason["ser-colour"] == (
         "colour image (PhotometricInterpretation PALETTE COLOR) in a grayscale study"
     )
@@ -181,40 +205,18 @@ def test_slices_sorted_by_position_not_instance_number(units):
     assert spacing == (2.5, 0.8, 0.6)
 
 
-def _dcm2niix() -> str | None:
-    candidate = Path(sys.executable).parent / "dcm2niix"
-    return str(candidate) if candidate.exists() else shutil.which("dcm2niix")
-
-
-def _run_dcm2niix(files: list[Path], tmp_path: Path) -> nib.Nifti1Image:
-    binary = _dcm2niix()
-    if binary is None:
-        pytest.skip("dcm2niix binary not installed (pip install dcm2niix)")
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    out.mkdir()
-    for n, path in enumerate(files):
-        shutil.copy(path, src / f"{n:04d}.dcm")
-    subprocess.run([binary, "-z", "y", "-f", "%s", "-o", str(out), str(src)], check=True,
-                   capture_output=True)  # fmt: skip
-    produced = sorted(out.glob("*.nii.gz"))
-    assert len(produced) == 1, produced
-    return nib.load(produced[0])
-
-
-def _corners(shape) -> np.ndarray:
-    return np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
-                     for k in (0, shape[2] - 1)], float).T  # fmt: skip
-
-
-@pytest.mark.parametrize("name", ["dx_iop", "ct_axial", "ct_oblique", "mr_sagittal"])
+@pytest.mark.parametrize(
+    "name", ["dx_iop", "ct_axial", "ct_oblique", "mr_sagittal", "mr_coronal", "ct_scrambled"]
+)
 def test_matches_dcm2niix(units, name, tmp_path):
+    """Same voxel grid after reorientation to RAS, spacing within 1e-3 mm, voxel-centre
+    world coordinates within 0.01 mm, identical rescaled values. Covers axial, oblique,
+    sagittal, coronal, non-square pixels, shuffled file names and InstanceNumbers, and one
+    series spread over two folders (ct_oblique)."""
     ours = nib.as_closest_canonical(nii(units, name))
-    ref = nib.as_closest_canonical(_run_dcm2niix(units["files"][name], tmp_path))
+    ref = nib.as_closest_canonical(run_dcm2niix(units["files"][name], tmp_path))
     assert ours.shape == ref.shape
-    np.testing.assert_allclose(ours.header.get_zooms()[:3], ref.header.get_zooms()[:3], atol=1e-3)
-    corners = _corners(ours.shape)
-    np.testing.assert_allclose(ours.affine @ corners, ref.affine @ corners, atol=0.01)
+    assert_same_grid(ours, ref)
     np.testing.assert_allclose(ours.get_fdata(), ref.get_fdata(), atol=1e-4)
 
 
@@ -223,7 +225,7 @@ def test_projection_without_orientation_matches_dcm2niix_axes(units, tmp_path):
     orientation gives the same axis directions and values (not the same origin). dcm2niix
     ignores ImagerPixelSpacing (1 mm); radflow uses it when PixelSpacing is absent."""
     ours = nii(units, "dx_m2")
-    ref_raw = _run_dcm2niix(units["files"]["dx_m2"], tmp_path)
+    ref_raw = run_dcm2niix(units["files"]["dx_m2"], tmp_path)
     assert int(ref_raw.header["qform_code"]) == 0 and int(ref_raw.header["sform_code"]) == 0
     ours_c, ref_c = nib.as_closest_canonical(ours), nib.as_closest_canonical(ref_raw)
     assert ours_c.shape == ref_c.shape == (16, 24, 1)
@@ -238,6 +240,107 @@ def test_projection_without_orientation_matches_dcm2niix_axes(units, tmp_path):
 def test_pixel_spacing_preferred_over_imager(units):
     assert sidecar(units, "dx_iop")["spacing_source"] == "PixelSpacing"
     np.testing.assert_allclose(nii(units, "dx_iop").header.get_zooms(), (0.1, 0.2, 1.0), atol=1e-6)
+
+
+# ------------------------------------------- uneven spacing, gantry tilt, LUT
+def test_uneven_spacing_resampled_like_dcm2niix_eq(units, tmp_path):
+    """Positions 0, 2.5, 5, 10 mm: resampled at the smallest step (2.5 mm) to 5 slices by
+    linear interpolation along the normal; dcm2niix's "_Eq_1" output is the same grid and,
+    integers rounded to nearest in both, the same values."""
+    volume, spacing = read_image(units["out"] / f"ser-ct_uneven{C.NIFTI_SUFFIX}")
+    assert volume.shape == (5, 12, 10) and spacing == (2.5, 0.8, 0.6)
+    # stored 1000 + 100 k + ... at positions 0, 2.5, 5, 10: the slice at 7.5 mm is halfway
+    np.testing.assert_array_equal(volume[:, 5, 5] + 1024, [1040, 1140, 1240, 1290, 1340])
+    meta = sidecar(units, "ct_uneven")
+    assert meta["uneven_spacing"] == {
+        "action": "resampled",
+        "method": "linear interpolation along the slice normal at the smallest step",
+        "step_mm": 2.5, "original_slices": 4, "original_step_min_mm": 2.5,
+        "original_step_median_mm": 2.5, "original_step_max_mm": 5.0,
+    }  # fmt: skip
+    produced = run_dcm2niix_all(units["files"]["ct_uneven"], tmp_path)
+    eq = [img for name, img in produced.items() if "_Eq_" in name]
+    assert len(eq) == 1, sorted(produced)
+    assert_same_grid(nii(units, "ct_uneven"), eq[0])
+    np.testing.assert_array_equal(
+        nib.as_closest_canonical(nii(units, "ct_uneven")).get_fdata(),
+        nib.as_closest_canonical(eq[0]).get_fdata(),
+    )
+
+
+def _datasets(units, name):
+    return [pydicom.dcmread(p) for p in units["files"][name]]
+
+
+def test_uneven_spacing_rejected_when_configured(units):
+    with pytest.raises(ConversionError, match=r"uneven slice spacing: steps of 2\.5, 5 mm"):
+        volume_geometry(_datasets(units, "ct_uneven"), uneven_spacing="reject")
+    row = convert_unit("ser-x", "CT", [p.relative_to(units["root"]).as_posix()
+                                       for p in units["files"]["ct_uneven"]],
+                       units["root"], units["base"] / "reject", uneven_spacing="reject")  # fmt: skip
+    assert row[C.STATUS] == C.STATUS_FAILED
+    assert "set convert.uneven_spacing: resample" in row[C.REASON]
+
+
+def test_gantry_tilt_corrected_like_dcm2niix_tilt(units, tmp_path):
+    """A 20 degree tilt (slice k shifted 2.5 k tan 20 mm along the column direction):
+    radflow shifts each slice back onto an orthogonal grid covering all of them, the grid
+    dcm2niix's "_Tilt_1" output has (same shape and affine). Values: radflow puts each
+    stored row at its DICOM position (checked exactly below); dcm2niix v1.0.20260724 places
+    the rows about 0.35 mm (0.43 rows) away from it on this series, so its values differ
+    by up to that fraction of the row gradient (7 per row here): interpolation tolerance."""
+    img = nii(units, "ct_tilt")
+    meta = sidecar(units, "ct_tilt")
+    assert meta["gantry_tilt"]["action"] == "corrected"
+    assert meta["gantry_tilt"]["tilt_deg_from_positions"] == pytest.approx(20, abs=1e-3)
+    assert meta["gantry_tilt"]["GantryDetectorTilt"] == -20
+    data = img.get_fdata()
+    shift_px = 2.5 * np.tan(np.deg2rad(20)) / 0.8
+    assert data.shape == (10, 12 + int(np.ceil(4 * shift_px)), 5)
+    # Slice k, stored row r sits at output row r + k * shift_px: check by interpolation
+    # (rows 0 and 11 border the fill value).
+    for k in range(5):
+        for r in range(1, 11):
+            position = r + k * shift_px
+            lower = int(np.floor(position))
+            w = position - lower
+            if lower + 1 < data.shape[1]:
+                value = data[5, lower, k] * (1 - w) + data[5, lower + 1, k] * w
+                expected = 1000 + 100 * k + 7 * r + 5
+                assert abs(value - expected) <= 0.5 + 1e-9  # output rounded to integers
+    produced = run_dcm2niix_all(units["files"]["ct_tilt"], tmp_path)
+    tilt = [image for name, image in produced.items() if "_Tilt_" in name]
+    assert len(tilt) == 1, sorted(produced)
+    assert_same_grid(img, tilt[0])
+    ours_c, ref_c = nib.as_closest_canonical(img), nib.as_closest_canonical(tilt[0])
+    np.testing.assert_allclose(ours_c.affine, ref_c.affine, atol=1e-4)
+    inside = (ours_c.get_fdata() > 1001) & (ref_c.get_fdata() > 1001)  # both hold data
+    difference = np.abs(ours_c.get_fdata() - ref_c.get_fdata())[inside]
+    assert inside.sum() > 0.6 * inside.size and difference.max() <= 0.45 * 7 + 1
+
+
+def test_gantry_tilt_rejected_when_configured_and_irregular_shifts_fail(units):
+    with pytest.raises(ConversionError, match="gantry tilt of 20 degrees"):
+        volume_geometry(_datasets(units, "ct_tilt"), gantry_tilt="reject")
+    datasets = _datasets(units, "ct_axial")
+    position = [float(v) for v in datasets[2].ImagePositionPatient]
+    datasets[2].ImagePositionPatient = [position[0] + 3, *position[1:]]  # one slice moved
+    with pytest.raises(ConversionError, match="shifted in-plane irregularly"):
+        volume_geometry(datasets)
+
+
+def test_modality_lut_applied(units, tmp_path):
+    """The Modality LUT (value -> 2 value + 3) replaces the rescale. dcm2niix
+    v1.0.20260724 ignores ModalityLUTSequence and writes stored values: same grid, and its
+    values mapped through the LUT equal radflow's."""
+    img = nii(units, "ct_lut")
+    meta = sidecar(units, "ct_lut")
+    assert meta["modality_lut_applied"] is True and meta["rescale_applied"] is False
+    ref = run_dcm2niix(units["files"]["ct_lut"], tmp_path)
+    assert_same_grid(img, ref)
+    ours_c, ref_c = nib.as_closest_canonical(img), nib.as_closest_canonical(ref)
+    np.testing.assert_array_equal(ours_c.get_fdata(), 2 * ref_c.get_fdata() + 3)
+    assert img.get_data_dtype() == np.int16
 
 
 # ---------------------------------------------------------------- intensities
@@ -342,3 +445,21 @@ def test_empty_shard(tmp_path):
     manifest = convert_shard(shard, tmp_path, tmp_path / "out", progress=False)
     assert manifest.empty and list(manifest.columns) == MANIFEST_COLUMNS
     assert (tmp_path / "out" / C.MANIFEST).read_text() == "\t".join(MANIFEST_COLUMNS) + "\n"
+
+
+def test_convert_settings_checked_by_schema_and_config(tmp_path):
+    """convert.uneven_spacing / gantry_tilt: schema defaults, and a clear error otherwise."""
+    import yaml
+    from snakemake.utils import validate
+
+    from radflow.config import ConfigError, check_config
+
+    root = Path(__file__).parents[1]
+    config = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    del config["convert"]
+    validate(config, str(root / "config" / "schema.yaml"), set_default=True)
+    assert config["convert"]["uneven_spacing"] == "resample"
+    assert config["convert"]["gantry_tilt"] == "correct"
+    config["convert"]["gantry_tilt"] = "straighten"
+    with pytest.raises(ConfigError, match="convert.gantry_tilt: 'straighten' is not one of"):
+        check_config(config)

@@ -144,7 +144,8 @@ def test_quarantine_reasons(export, index):
 def test_shard_tables(export, index):
     assert sorted(index.shard_files) == list(range(N_SHARDS))
     allrows = pd.concat(index.shard_files.values())
-    assert list(allrows.columns) == [C.SERIES_PID, C.MODALITY, C.PATH]
+    assert list(allrows.columns) == [C.SERIES_PID, C.MODALITY, C.PATH, C.FRAMES]
+    assert set(allrows[C.FRAMES]) == {""}  # no multi-frame file in this export
     for k, table in index.shard_files.items():
         assert all(C.shard_of(pid, N_SHARDS) == k for pid in table[C.SERIES_PID])
         assert list(table.itertuples(index=False)) == sorted(table.itertuples(index=False))

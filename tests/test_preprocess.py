@@ -76,3 +76,30 @@ def test_three_dimensional_volumes_resample_too():
     assert case.array.shape == (1, 16, 32, 32)
     with pytest.raises(ValueError, match="target_shape_px"):
         preprocess_image(volume, (2.5, 0.8, 0.8), "MR", PreprocessSettings((32, 32)))
+
+
+def test_units_of_another_dimensionality_are_skipped_with_a_reason(tmp_path):
+    """A CT volume in a radiograph (2D) study is left out and listed, not fatal."""
+    import pandas as pd
+
+    from radflow import conventions as C
+    from radflow.dicom.convert import convert_shard
+    from radflow.preprocess import preprocess_shard
+
+    import dicom_factory as F
+
+    F.write_projection(tmp_path / "dicom" / "dx.dcm", patient_id="P1", accession="A1")
+    ct = F.write_volume(tmp_path / "dicom" / "ct", patient_id="P2", accession="A2", n_slices=4)
+    rows = [("aaaa", "DX", "dx.dcm")] + [("bbbb", "CT", str(p.relative_to(tmp_path / "dicom")))
+                                         for p in ct]  # fmt: skip
+    table = pd.DataFrame(rows, columns=[C.SERIES_PID, C.MODALITY, C.PATH])
+    table.to_csv(tmp_path / "shard.tsv", sep="\t", index=False)
+    convert_shard(tmp_path / "shard.tsv", tmp_path / "dicom", tmp_path / "nifti", progress=False)
+    manifest = preprocess_shard(
+        tmp_path / "nifti", tmp_path / "pre", PreprocessSettings((32, 32)), progress=False
+    )
+    assert list(manifest[C.SERIES_PID]) == ["aaaa"]
+    assert np.load(tmp_path / "pre" / C.PREPROCESSED_ARRAY).shape == (1, 1, 32, 32)
+    skipped = pd.read_csv(tmp_path / "pre" / C.SKIPPED_TABLE, sep="\t")
+    assert list(skipped[C.SERIES_PID]) == ["bbbb"]
+    assert "3D image in a 2D study" in skipped[C.REASON].iloc[0]

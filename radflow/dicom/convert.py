@@ -1,7 +1,8 @@
 """Convert the image units of one shard from DICOM to NIfTI-1 (.nii.gz + JSON sidecar).
 
 Layout and geometry (the same as dcm2niix up to the order in which axes are stored, which
-`nibabel.as_closest_canonical` removes; tests/test_convert.py checks it against dcm2niix):
+`nibabel.as_closest_canonical` removes; tests/test_convert.py and
+tests/test_series_structure.py check it against dcm2niix):
 
 - Voxel (i, j, k) is column i, row j of slice k of the DICOM pixel data, unflipped:
   ``nifti_data[:, :, k] == pixel_array_k.T``. `radflow.dicom.nifti.read_image` inverts it.
@@ -10,8 +11,26 @@ Layout and geometry (the same as dcm2niix up to the order in which axes are stor
   column cosine * row spacing and slice normal * slice spacing; the translation is the
   ImagePositionPatient of slice k = 0 (PixelSpacing is [between rows, between columns]).
 - 3D units: slices are sorted by the projection of ImagePositionPatient onto the slice
-  normal (row cosine x column cosine), never by InstanceNumber. Uneven spacing, repeated
-  positions and slices shifted in-plane along the stack (gantry tilt) fail the unit.
+  normal (row cosine x column cosine), never by InstanceNumber. Repeated positions (stacks
+  the index could not separate) and irregular in-plane shifts fail the unit with a reason.
+- Uneven spacing (a missing slice, variable steps): with ``uneven_spacing="resample"``
+  (config convert.uneven_spacing, the default) the stack is interpolated linearly along
+  the normal onto a regular grid from the first slice at the *smallest* step, which is
+  what dcm2niix writes as its "_Eq_1" file (same grid and values in the tests); the
+  sidecar's "uneven_spacing" records the step statistics. "reject" fails the unit.
+- Gantry tilt (slices shifted in-plane in proportion to their distance along the normal):
+  with ``gantry_tilt="correct"`` (the default) each slice is shifted back by linear
+  interpolation onto an orthogonal grid that covers every shifted slice, voxels no slice
+  covers holding the volume minimum; that is the grid of dcm2niix's "_Tilt_1" file (same
+  shape and affine). dcm2niix v1.0.20260724 places the rows ~0.4 row off their DICOM
+  position on the tested series, so values agree to interpolation tolerance only. The
+  sidecar's "gantry_tilt" records the angle. "reject" fails the unit.
+  Resampled integer data are rounded to the nearest integer (as dcm2niix).
+- Multi-frame files: a unit lists the frames it uses (`conventions.FRAMES`); each frame
+  becomes a `FrameView` whose position, orientation, spacing and rescale come from the
+  shared and per-frame functional groups (enhanced CT/MR), or, for legacy multi-frame
+  files without them, from ImagePositionPatient + k * SpacingBetweenSlices (else
+  SliceThickness) along the normal (dcm2niix assumes the same).
 - 2D projection units (DX, CR, MG...): one slice of thickness 1 mm. Spacing comes from
   PixelSpacing, else ImagerPixelSpacing, else 1 mm (noted in the sidecar); dcm2niix
   (v1.0.20260724) ignores ImagerPixelSpacing and writes 1 mm, the one deliberate
@@ -23,16 +42,27 @@ Layout and geometry (the same as dcm2niix up to the order in which axes are stor
   because downstream tools warn on code 0. This geometry is nominal: only the spacing and
   the row/column layout mean something, the projection has no patient position.
 
-Intensities: RescaleSlope/RescaleIntercept are applied per slice. The data are int16 (or
-int32 when needed) when every slope and intercept is an integer, float32 otherwise, and
-the header carries no scaling. MONOCHROME1 images are inverted so that higher always means
-brighter: new = lo + hi - value, where [lo, hi] is the range BitsStored and
-PixelRepresentation can represent after rescale (dcm2niix does not invert; the sidecar
-records "inverted_monochrome1": true).
+Pixel decoding: `radflow.dicom.syntax.decode_pixels` (one pinned decoder per transfer
+syntax); an unsupported or undecodable syntax fails the unit with a reason naming it.
+Stored values follow PixelRepresentation where dcm2niix (v1.0.20260724) does not: signed
+8-bit data (dcm2niix reads them unsigned) and JPEG 2000 codestreams whose own signedness
+contradicts the header (dcm2niix keeps the codestream's). Lossy JPEG may differ from
+dcm2niix by 1 grey level (inverse DCT rounding; tests/test_syntax.py bounds it).
+
+Intensities: RescaleSlope/RescaleIntercept are applied per slice, or the Modality LUT
+Sequence where present (pydicom's apply_modality_lut; dcm2niix ignores that LUT and
+writes stored values). The data are int16 (or int32 when needed) when every slope,
+intercept and LUT value is an integer, float32 otherwise, and the header carries no
+scaling. MONOCHROME1 images are inverted so that higher always means brighter:
+new = lo + hi - value, where [lo, hi] is the range BitsStored and PixelRepresentation can
+represent after rescale (the LUT's range with a LUT; dcm2niix does not invert; the sidecar
+records "inverted_monochrome1": true). Pixel data are decoded in one place,
+`slice_pixels`.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
@@ -47,11 +77,19 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pydicom
+from pydicom.pixels import apply_modality_lut
 
 from radflow import conventions as C
 from radflow.deid import quiet_pydicom, sidecar_fields
 from radflow.dicom import radflow_version
-from radflow.dicom.index import read_shard_files, write_bytes_atomic, write_tsv
+from radflow.dicom.index import (
+    frame_groups,
+    group_value,
+    read_shard_files,
+    write_bytes_atomic,
+    write_tsv,
+)
+from radflow.dicom.syntax import DecodeError, decode_pixels, syntax_problem, transfer_syntax
 
 #: Largest allowed deviation of a slice step from the median step: max(absolute, relative
 #: * median). Positions are written with ~0.001 mm precision; real gaps are >= 0.1 mm.
@@ -61,6 +99,10 @@ SLICE_STEP_TOLERANCE_REL = 0.01
 SAME_POSITION_MM = 1e-3
 #: Largest difference between direction cosines of slices of one unit.
 ORIENTATION_TOLERANCE = 1e-4
+
+#: Resampling of an uneven stack may add at most this many slices per original slice
+#: (a smallest step far below the others means near-duplicate slices, not a gap).
+MAX_RESAMPLE_GROWTH = 4
 
 MANIFEST_COLUMNS = [C.SERIES_PID, C.STATUS, C.REASON, "ndim", "shape", "spacing_mm", "dtype"]
 
@@ -72,14 +114,49 @@ class ConversionError(Exception):
 
 
 @dataclass
+class Resampling:
+    """How the stacked slices (k, row, col) map onto the output grid (see `resample`).
+
+    along_mm: position of each stacked slice along the normal, relative to slice 0;
+    target_mm: positions of the output slices (None: keep the slices);
+    shift_px: in-plane shift of each slice in (rows, columns) relative to slice 0
+    (None: no shift); offset_px: output row/column 0 in the pixel frame of slice 0;
+    shape: output (rows, columns).
+    """
+
+    along_mm: np.ndarray
+    target_mm: np.ndarray | None = None
+    shift_px: np.ndarray | None = None
+    offset_px: tuple[int, int] = (0, 0)
+    shape: tuple[int, int] | None = None
+
+
+@dataclass
 class Geometry:
     """Where the voxels are: RAS affine (4x4, mm), voxel spacing (x, y, z) in mm, the order
-    in which the unit's datasets become slices k = 0, 1, ..., and notes for the sidecar."""
+    in which the unit's datasets become slices k = 0, 1, ..., notes for the sidecar, and
+    the resampling the stacked slices need (None: they already are the voxel grid)."""
 
     affine: np.ndarray
     spacing: tuple[float, float, float]
     order: list[int]
     notes: dict[str, Any]
+    resampling: Resampling | None = None
+
+
+class FrameView(pydicom.Dataset):
+    """The header of one frame of a multi-frame file, flattened like a single-frame slice.
+
+    Holds the file's top-level elements (without pixel data and functional groups) with
+    the frame's values from the shared and per-frame functional groups set as the
+    classic keywords (ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+    SliceThickness, SpacingBetweenSlices, RescaleSlope/Intercept, EchoTime...).
+    `source` is the file's dataset and `frame` the 0-based frame index; `slice_pixels`
+    decodes that frame only.
+    """
+
+    source: pydicom.Dataset
+    frame: int
 
 
 def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
@@ -91,6 +168,14 @@ def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
     except (TypeError, ValueError):
         return None
     return out if out.shape == (n,) and np.all(np.isfinite(out)) else None
+
+
+def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
+    try:
+        value = float(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
 
 
 def ras_affine(
@@ -158,14 +243,169 @@ def projection_geometry(ds: pydicom.Dataset) -> Geometry:
     return Geometry(affine, (float(spacing[1]), float(spacing[0]), 1.0), [0], notes)
 
 
+#: (functional group macro, element in it, classic keyword set on the frame's view)
+_FRAME_ELEMENTS = (
+    ("PlanePositionSequence", "ImagePositionPatient", "ImagePositionPatient"),
+    ("PlaneOrientationSequence", "ImageOrientationPatient", "ImageOrientationPatient"),
+    ("PixelMeasuresSequence", "PixelSpacing", "PixelSpacing"),
+    ("PixelMeasuresSequence", "SliceThickness", "SliceThickness"),
+    ("PixelMeasuresSequence", "SpacingBetweenSlices", "SpacingBetweenSlices"),
+    ("PixelValueTransformationSequence", "RescaleSlope", "RescaleSlope"),
+    ("PixelValueTransformationSequence", "RescaleIntercept", "RescaleIntercept"),
+    ("PixelValueTransformationSequence", "RescaleType", "RescaleType"),
+    ("MREchoSequence", "EffectiveEchoTime", "EchoTime"),
+    ("MRTimingAndRelatedParametersSequence", "RepetitionTime", "RepetitionTime"),
+    ("MRTimingAndRelatedParametersSequence", "FlipAngle", "FlipAngle"),
+    ("MRDiffusionSequence", "DiffusionBValue", "DiffusionBValue"),
+    ("CTExposureSequence", "ExposureTimeInms", "ExposureTime"),
+)
+_FRAME_SKIPPED = frozenset(
+    {"SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "NumberOfFrames"}
+)
+
+
+def frame_view(ds: pydicom.Dataset, frame: int) -> FrameView:
+    """A `FrameView` of frame `frame` (0-based) of the multi-frame dataset `ds`.
+
+    Enhanced objects: values from the functional groups (see `_FRAME_ELEMENTS`). Legacy
+    multi-frame objects (no functional groups): frame k lies at ImagePositionPatient +
+    k * SpacingBetweenSlices (else SliceThickness) along the slice normal; without those
+    elements the geometry is unknown and ConversionError is raised.
+    """
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if not 0 <= frame < n_frames:
+        raise ConversionError(f"frame {frame} requested from a file with {n_frames} frames")
+    view = FrameView()
+    for elem in ds:
+        if elem.keyword not in _FRAME_SKIPPED:
+            # a shallow copy: setting a value below must not change the file's dataset
+            view.add(copy.copy(elem))
+    groups = frame_groups(ds, frame)
+    for macro, inner, keyword in _FRAME_ELEMENTS:
+        value = group_value(groups, macro, inner)
+        if value is not None:
+            setattr(view, keyword, value)
+    if not groups and frame > 0:
+        orientation = _orientation(ds)
+        position = _floats(ds, "ImagePositionPatient", 3)
+        step = _float(ds, "SpacingBetweenSlices") or _float(ds, "SliceThickness")
+        if orientation is None or position is None or not step:
+            raise ConversionError(
+                "legacy multi-frame file without ImageOrientationPatient, "
+                "ImagePositionPatient and SpacingBetweenSlices/SliceThickness: frame "
+                "positions unknown"
+            )
+        normal = np.cross(*orientation)
+        view.ImagePositionPatient = [f"{v:.6f}" for v in position + frame * step * normal]
+    view.source = ds
+    view.frame = frame
+    return view
+
+
+def load_slices(
+    files: Sequence[tuple[str, str]], dicom_root: str | os.PathLike
+) -> list[pydicom.Dataset]:
+    """Read a unit's files: (path relative to `dicom_root`, frames) pairs as in the shard
+    table (`conventions.FRAMES`: "" = the file's every frame). Returns one dataset per
+    slice: the file's dataset for a single-frame file, a `FrameView` per frame otherwise."""
+    out: list[pydicom.Dataset] = []
+    for rel, frames in files:
+        # force: raw datasets without preamble or file meta, which the index accepted
+        ds = pydicom.dcmread(os.path.join(dicom_root, rel), force=True)
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        _grayscale_photometric(ds)  # colour is the reason, before any frame geometry
+        if n_frames == 1 and not frames.strip():
+            out.append(ds)
+            continue
+        try:
+            indices = [int(f) for f in frames.split()] if frames.strip() else range(n_frames)
+        except ValueError as exc:
+            raise ConversionError(
+                "frames column of the shard table is not a list of integers"
+            ) from exc
+        out.extend(frame_view(ds, i) for i in indices)
+    return out
+
+
 def _fmt_steps(steps: np.ndarray) -> str:
     values = sorted({float(f"{s:.3g}") for s in steps})
     shown = ", ".join(f"{v:g}" for v in values[:8])
     return shown + (", ..." if len(values) > 8 else "")
 
 
-def volume_geometry(datasets: Sequence[pydicom.Dataset]) -> Geometry:
-    """Geometry of a stack of parallel slices; raises ConversionError if it is not one."""
+def _interpolate(values: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation of `values` along `axis` at fractional indices `coords`;
+    coordinates outside [0, n - 1] give NaN."""
+    n = values.shape[axis]
+    inside = (coords >= -1e-6) & (coords <= n - 1 + 1e-6)
+    x = np.clip(coords, 0, n - 1)
+    lower = np.minimum(np.floor(x).astype(int), max(n - 2, 0))
+    weight = x - lower
+    upper = np.minimum(lower + 1, n - 1)
+    shape = [1] * values.ndim
+    shape[axis] = len(coords)
+    weight = weight.reshape(shape)
+    out = np.take(values, lower, axis=axis) * (1 - weight)
+    out += np.take(values, upper, axis=axis) * weight
+    if not inside.all():
+        outside: list[Any] = [slice(None)] * values.ndim
+        outside[axis] = ~inside
+        out[tuple(outside)] = np.nan
+    return out
+
+
+def resample(volume: np.ndarray, plan: Resampling) -> np.ndarray:
+    """Apply a `Resampling` to stacked slices (k, rows, cols); returns the output grid.
+
+    Gantry tilt: each slice is shifted in-plane by -shift_px (linear interpolation along
+    rows and columns) onto a grid that covers every shifted slice; voxels no slice covers
+    get the volume's minimum (as dcm2niix). Uneven spacing: the output slices at
+    target_mm are linearly interpolated between their two neighbours along the normal.
+    Integral input is rounded to the nearest integer and keeps its integer type.
+    """
+    integral = np.issubdtype(volume.dtype, np.integer)
+    work = volume.astype(np.float64)
+    fill = float(work.min()) if work.size else 0.0
+    if plan.shift_px is not None:
+        rows, cols = plan.shape
+        out = np.empty((work.shape[0], rows, cols))
+        for k in range(work.shape[0]):
+            r = np.arange(rows) + plan.offset_px[0] - plan.shift_px[k, 0]
+            c = np.arange(cols) + plan.offset_px[1] - plan.shift_px[k, 1]
+            out[k] = _interpolate(_interpolate(work[k], r, 0), c, 1)
+        work = np.where(np.isnan(out), fill, out)
+    if plan.target_mm is not None:
+        index = np.interp(plan.target_mm, plan.along_mm, np.arange(len(plan.along_mm)))
+        work = _interpolate(work, index, 0)
+    if integral:
+        work = np.rint(work)
+        info = np.iinfo(volume.dtype)
+        if work.size and (work.min() < info.min or work.max() > info.max):
+            return work.astype(np.int32)
+        return work.astype(volume.dtype)
+    return work.astype(np.float32)
+
+
+def volume_geometry(
+    datasets: Sequence[pydicom.Dataset],
+    *,
+    uneven_spacing: str = "resample",
+    gantry_tilt: str = "correct",
+) -> Geometry:
+    """Geometry of a stack of parallel slices; raises ConversionError if it is not one.
+
+    uneven_spacing: "reject" fails a stack whose steps along the normal differ by more than
+    the tolerance (a missing slice, variable spacing); "resample" puts it on a regular grid
+    at the smallest step (as dcm2niix's "_Eq" output) by linear interpolation along the
+    normal. gantry_tilt: "reject" fails a stack whose slices shift in-plane in proportion to
+    their distance along the normal (a tilted CT gantry); "correct" shifts every slice
+    back onto an orthogonal grid that covers them all (as dcm2niix's "_Tilt" output).
+    Both record what they did in the notes (sidecar). Irregular in-plane shifts fail.
+    """
+    if uneven_spacing not in C.UNEVEN_SPACING_CHOICES:
+        raise ValueError(f"uneven_spacing must be one of {C.UNEVEN_SPACING_CHOICES}")
+    if gantry_tilt not in C.GANTRY_TILT_CHOICES:
+        raise ValueError(f"gantry_tilt must be one of {C.GANTRY_TILT_CHOICES}")
     cosines = []
     positions = []
     spacings = []
@@ -191,8 +431,12 @@ def volume_geometry(datasets: Sequence[pydicom.Dataset]) -> Geometry:
     along = positions_a @ normal
     order = [int(i) for i in np.argsort(along, kind="stable")]
     along = along[order]
+    row_spacing, col_spacing = spacings_a[0]
     notes: dict[str, Any] = {"spacing_source": "PixelSpacing"}
     notes["orientation_source"] = "ImageOrientationPatient"
+    origin = positions_a[order[0]]
+    shape = (int(datasets[0].Rows), int(datasets[0].Columns))
+    plan = Resampling(along_mm=along - along[0])
     if len(datasets) == 1:
         ds = datasets[0]
         thickness = next(
@@ -201,33 +445,81 @@ def volume_geometry(datasets: Sequence[pydicom.Dataset]) -> Geometry:
         )
         step = thickness if thickness > 0 else 1.0
         notes["slice_spacing_source"] = "single slice: SpacingBetweenSlices/SliceThickness"
+        affine = ras_affine(r, c, normal, row_spacing, col_spacing, step, origin)
+        return Geometry(affine, (float(col_spacing), float(row_spacing), step), order, notes)
+    steps = np.diff(along)
+    same = int((steps < SAME_POSITION_MM).sum())
+    if same:
+        raise ConversionError(
+            f"{same + 1} or more slices share a position (several stacks in one series "
+            "that no echo, time point, acquisition or b-value key separates)"
+        )
+    median = float(np.median(steps))
+    tolerance = max(SLICE_STEP_TOLERANCE_MM, SLICE_STEP_TOLERANCE_REL * median)
+    notes["slice_spacing_source"] = "ImagePositionPatient"
+
+    offsets = positions_a[order] - origin
+    in_plane = offsets - np.outer(offsets @ normal, normal)
+    if np.linalg.norm(in_plane, axis=1).max() > tolerance:
+        # A gantry tilt shears the stack: in-plane offset = distance along the normal * v.
+        distance = along - along[0]
+        shear = (distance @ in_plane) / (distance @ distance)
+        residual = np.linalg.norm(in_plane - np.outer(distance, shear), axis=1).max()
+        tilt_deg = float(np.degrees(np.arctan(np.linalg.norm(shear))))
+        header_tilt = _float(datasets[0], "GantryDetectorTilt")
+        if residual > tolerance:
+            raise ConversionError(
+                "slices are shifted in-plane irregularly along the stack (not a gantry tilt)"
+            )
+        if gantry_tilt == "reject":
+            raise ConversionError(
+                f"gantry tilt of {tilt_deg:.3g} degrees (slices shifted in-plane along the "
+                "stack); set convert.gantry_tilt: correct to resample it"
+            )
+        shift = np.column_stack([in_plane @ c / row_spacing, in_plane @ r / col_spacing])
+        low = np.floor(shift.min(axis=0) + 1e-6).astype(int)
+        high = np.ceil(shift.max(axis=0) - 1e-6).astype(int)
+        plan.shift_px = shift
+        plan.offset_px = (int(low[0]), int(low[1]))
+        shape = (shape[0] + int(high[0] - low[0]), shape[1] + int(high[1] - low[1]))
+        plan.shape = shape
+        origin = origin + low[0] * row_spacing * c + low[1] * col_spacing * r
+        notes["gantry_tilt"] = {
+            "action": "corrected",
+            "tilt_deg_from_positions": round(tilt_deg, 4),
+            "GantryDetectorTilt": header_tilt,
+            "method": "each slice shifted in-plane onto an orthogonal grid (linear)",
+        }
+    if np.abs(steps - median).max() > tolerance:
+        described = f"steps of {_fmt_steps(steps)} mm between slices (tolerance {tolerance:.3g} mm)"
+        if uneven_spacing == "reject":
+            raise ConversionError(
+                f"uneven slice spacing: {described}; set convert.uneven_spacing: resample to "
+                "interpolate it"
+            )
+        step = float(steps.min())
+        extent = float(along[-1] - along[0])
+        n_out = int(np.floor(extent / step + 1e-6)) + 1
+        if n_out > MAX_RESAMPLE_GROWTH * len(along):
+            raise ConversionError(f"uneven slice spacing too irregular to resample: {described}")
+        plan.target_mm = np.arange(n_out) * step
+        notes["uneven_spacing"] = {
+            "action": "resampled",
+            "method": "linear interpolation along the slice normal at the smallest step",
+            "step_mm": round(step, 6),
+            "original_slices": len(along),
+            "original_step_min_mm": round(float(steps.min()), 6),
+            "original_step_median_mm": round(median, 6),
+            "original_step_max_mm": round(float(steps.max()), 6),
+        }
     else:
-        steps = np.diff(along)
-        same = int((steps < SAME_POSITION_MM).sum())
-        if same:
-            raise ConversionError(
-                f"{same + 1} or more slices share a position (several stacks in one series: "
-                "echoes, time points or repeats?)"
-            )
-        median = float(np.median(steps))
-        tolerance = max(SLICE_STEP_TOLERANCE_MM, SLICE_STEP_TOLERANCE_REL * median)
-        if np.abs(steps - median).max() > tolerance:
-            raise ConversionError(
-                f"uneven slice spacing: steps of {_fmt_steps(steps)} mm between slices "
-                f"(tolerance {tolerance:.3g} mm)"
-            )
-        offsets = positions_a[order] - positions_a[order[0]]
-        in_plane = offsets - np.outer(offsets @ normal, normal)
-        if np.linalg.norm(in_plane, axis=1).max() > tolerance:
-            raise ConversionError(
-                "slices are shifted in-plane along the stack (gantry tilt or sheared "
-                "acquisition), which is not supported"
-            )
         step = float((along[-1] - along[0]) / (len(along) - 1))
-        notes["slice_spacing_source"] = "ImagePositionPatient"
-    row_spacing, col_spacing = spacings_a[0]
-    affine = ras_affine(r, c, normal, row_spacing, col_spacing, step, positions_a[order[0]])
-    return Geometry(affine, (float(col_spacing), float(row_spacing), step), order, notes)
+    affine = ras_affine(r, c, normal, row_spacing, col_spacing, step, origin)
+    needs = plan.shift_px is not None or plan.target_mm is not None
+    return Geometry(
+        affine, (float(col_spacing), float(row_spacing), step), order, notes,
+        plan if needs else None,
+    )  # fmt: skip
 
 
 def stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
@@ -253,19 +545,14 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
     photometrics = set()
     sizes = set()
     for ds in datasets:
-        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        if photometric not in _GRAYSCALE or samples != 1:
-            raise ConversionError(
-                f"colour image (PhotometricInterpretation {photometric or 'missing'}) "
-                "in a grayscale study"
-            )
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise ConversionError("multi-frame instance is not supported yet")
-        if "ModalityLUTSequence" in ds:
-            raise ConversionError("Modality LUT Sequence is not supported")
+        photometric = _grayscale_photometric(ds)
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # load_slices splits multi-frame files
+            raise ConversionError("multi-frame dataset passed whole, not split into frames")
         if "PixelData" not in ds:
             raise ConversionError("no pixel data")
+        problem = syntax_problem(transfer_syntax(ds))
+        if problem:
+            raise ConversionError(problem)
         photometrics.add(photometric)
         sizes.add((int(ds.Rows), int(ds.Columns)))
     if len(sizes) > 1:
@@ -276,6 +563,40 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
     return photometrics.pop()
 
 
+def _grayscale_photometric(ds: pydicom.Dataset) -> str:
+    """PhotometricInterpretation of a grayscale image; ConversionError for colour."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if photometric not in _GRAYSCALE or samples != 1:
+        raise ConversionError(
+            f"colour image (PhotometricInterpretation {photometric or 'missing'}) "
+            "in a grayscale study"
+        )
+    return photometric
+
+
+def slice_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """Stored pixel values (rows, columns) of one slice: a single-frame dataset, or one
+    frame of a multi-frame file (`FrameView`). The only place pixel data are decoded."""
+    try:
+        if isinstance(ds, FrameView):
+            return decode_pixels(ds.source, index=ds.frame)
+        return decode_pixels(ds)
+    except DecodeError as exc:
+        raise ConversionError(str(exc)) from exc
+
+
+def _lut_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """Smallest and largest output of the Modality LUT (it maps every input to an entry)."""
+    try:
+        item = ds.ModalityLUTSequence[0]
+        n_entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+        values = np.asarray(apply_modality_lut(np.arange(first, first + n_entries), ds))
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:
+        raise ConversionError("Modality LUT Sequence is malformed") from exc
+    return float(values.min()), float(values.max())
+
+
 def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[str, Any]]:
     """Rescaled (and MONOCHROME1-inverted) pixel values of slices in the given order.
 
@@ -284,24 +605,34 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
     or float32, in rescaled units (HU for CT); and notes for the sidecar.
     """
     photometric = _check_pixels(datasets)
-    rescales = [_rescale(ds) for ds in datasets]
+    luts = ["ModalityLUTSequence" in ds for ds in datasets]
+    rescales = [(1.0, 0.0) if lut else _rescale(ds) for ds, lut in zip(datasets, luts, strict=True)]
     ranges = []
-    for ds, (slope, intercept) in zip(datasets, rescales, strict=True):
+    for ds, (slope, intercept), lut in zip(datasets, rescales, luts, strict=True):
+        if lut:
+            ranges.append(_lut_range(ds))
+            continue
         lo, hi = stored_range(int(ds.BitsStored), int(ds.PixelRepresentation) == 1)
         ends = (slope * lo + intercept, slope * hi + intercept)
         ranges.append((min(ends), max(ends)))
     lo_possible = min(r[0] for r in ranges)
     hi_possible = max(r[1] for r in ranges)
     integral = all(float(s).is_integer() and float(b).is_integer() for s, b in rescales)
+    integral = integral and all(
+        float(r[0]).is_integer() and float(r[1]).is_integer() for r in ranges
+    )
     integral = integral and -(2**31) <= lo_possible and hi_possible < 2**31
     work_dtype = np.int64 if integral else np.float64
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
     # float32 output; int32 holds every integral result (range checked above)
     volume = np.empty((len(datasets), rows, cols), np.int32 if integral else np.float32)
     for k, (ds, (slope, intercept)) in enumerate(zip(datasets, rescales, strict=True)):
-        pixels = np.asarray(ds.pixel_array)
+        pixels = slice_pixels(ds)
         if pixels.shape != (rows, cols):
             raise ConversionError(f"pixel data shape {pixels.shape} does not match Rows/Columns")
+        if luts[k]:
+            volume[k] = np.asarray(apply_modality_lut(pixels, ds)).astype(work_dtype)
+            continue
         values = pixels.astype(work_dtype) * work_dtype(slope) + work_dtype(intercept)
         volume[k] = values
     inverted = photometric == "MONOCHROME1"
@@ -318,6 +649,7 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
         "inverted_monochrome1": inverted,
         "rescale_applied": any(s != 1 or b != 0 for s, b in rescales),
         "rescale_varies_between_slices": len(set(rescales)) > 1,
+        "modality_lut_applied": any(luts),
     }
     if inverted:
         notes["monochrome1_inversion"] = f"value -> {lo_possible:g} + {hi_possible:g} - value"
@@ -365,10 +697,15 @@ def convert_unit(
     dicom_root: str | os.PathLike,
     out_dir: str | os.PathLike,
     compression_level: int = 6,
+    frames: Sequence[str] | None = None,
+    uneven_spacing: str = "resample",
+    gantry_tilt: str = "correct",
 ) -> dict[str, Any]:
     """Convert one image unit; never raises for a bad unit.
 
-    Inputs: the unit's pseudonym and modality, its files (relative to `dicom_root`).
+    Inputs: the unit's pseudonym and modality, its files (relative to `dicom_root`) and,
+    per file, the frames that belong to it (`conventions.FRAMES` text; None or "" = all);
+    `uneven_spacing` and `gantry_tilt` as in `volume_geometry`.
     Outputs: `<out_dir>/<series_pid>.nii.gz` and `.json`, written atomically (stale ones
     removed if the unit fails). Returns its manifest row (MANIFEST_COLUMNS).
     """
@@ -377,16 +714,25 @@ def convert_unit(
     sidecar_path = out / f"{series_pid}{C.SIDECAR_SUFFIX}"
     row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS, "")
     row[C.SERIES_PID] = series_pid
+    frames = list(frames) if frames is not None else [""] * len(paths)
     try:
         with quiet_pydicom():
-            datasets = [pydicom.dcmread(os.path.join(dicom_root, p)) for p in paths]
+            datasets = load_slices(list(zip(paths, frames, strict=True)), dicom_root)
             projection = modality in C.PROJECTION_MODALITIES
             if projection and len(datasets) != 1:
-                raise ConversionError(f"projection unit with {len(datasets)} files (expected 1)")
+                raise ConversionError(f"projection unit with {len(datasets)} slices (expected 1)")
             _check_pixels(datasets)
-            geometry = projection_geometry(datasets[0]) if projection else volume_geometry(datasets)
+            geometry = (
+                projection_geometry(datasets[0])
+                if projection
+                else volume_geometry(
+                    datasets, uneven_spacing=uneven_spacing, gantry_tilt=gantry_tilt
+                )
+            )
             ordered = [datasets[i] for i in geometry.order]
             volume, notes = build_volume(ordered)
+            if geometry.resampling is not None:
+                volume = resample(volume, geometry.resampling)
         data = nifti_bytes(volume, geometry.affine, compression_level)
         shape = (volume.shape[2], volume.shape[1], volume.shape[0])
         ndim = 2 if volume.shape[0] == 1 else 3
@@ -394,7 +740,9 @@ def convert_unit(
         sidecar.update(
             {
                 "series_pid": series_pid,
-                "n_files": len(datasets),
+                "n_files": len(paths),
+                "n_slices_read": len(datasets),
+                "multi_frame": any(isinstance(ds, FrameView) for ds in datasets),
                 "radflow_version": radflow_version(),
                 "ndim": ndim,
                 "shape": list(shape),
@@ -442,9 +790,12 @@ def convert_shard(
     *,
     threads: int = 1,
     compression_level: int = 6,
+    uneven_spacing: str = "resample",
+    gantry_tilt: str = "correct",
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Convert every unit listed in a private shard table (series_pid, modality, path).
+    """Convert every unit listed in a private shard table (series_pid, modality, path,
+    frames; see `radflow.dicom.index.read_shard_files`).
 
     Outputs in `out_dir`: `<series_pid>.nii.gz` + `<series_pid>.json` per converted unit,
     and `manifest.tsv` with columns series_pid, status (ok/failed), reason, ndim (2 for a
@@ -452,6 +803,7 @@ def convert_shard(
     (x\\y\\z) and dtype, one row per unit sorted by series_pid. Units run in `threads`
     processes; a failed unit is listed with its reason and the others still convert.
     Outputs of units no longer in the table are not deleted: consumers go by the manifest.
+    `uneven_spacing` and `gantry_tilt` are the convert.* settings (see `volume_geometry`).
     Returns the manifest.
     """
     table = read_shard_files(shard_files_tsv)
@@ -459,9 +811,10 @@ def convert_shard(
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for series_pid, group in table.groupby(C.SERIES_PID, sort=True):
-        paths = sorted(group[C.PATH])
+        files = sorted(zip(group[C.PATH], group[C.FRAMES], strict=True))
+        paths, frames = [f[0] for f in files], [f[1] for f in files]
         jobs.append((series_pid, group[C.MODALITY].iloc[0], paths, str(dicom_root), str(out),
-                     compression_level))  # fmt: skip
+                     compression_level, frames, uneven_spacing, gantry_tilt))  # fmt: skip
     from tqdm import tqdm
 
     rows = []

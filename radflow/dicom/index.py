@@ -4,10 +4,17 @@
 `IndexResult`: PHI-free tables for results/ (series, quarantine, annotations, summary) and
 private tables that hold file paths (quarantine paths, the file list of each shard).
 
-An *image unit* is what becomes one NIfTI image and one row of the series table: a whole
-series for cross-sectional modalities (CT, MR, PT...), a single SOP instance for projection
-modalities (`conventions.PROJECTION_MODALITIES`: DX, CR, MG...), whose series often hold
-several unrelated views.
+An *image unit* is what becomes one NIfTI image and one row of the series table: a single
+SOP instance for projection modalities (`conventions.PROJECTION_MODALITIES`: DX, CR,
+MG...), whose series often hold several unrelated views; for cross-sectional modalities
+(CT, MR, PT...) one 3D stack of a series (`split_series`): localizers (ImageType
+LOCALIZER) and slices in a minority orientation are left out with a reason in the
+quarantine table, and a series whose slices repeat positions is split by echo number,
+echo time, temporal position, trigger time, acquisition number or b-value into units
+whose identifier is "<SeriesInstanceUID>/<key>=<value>" (hashed like any unit id).
+Enhanced multi-frame files take part frame by frame, their positions and keys read from
+the functional groups (header only); the private shard table names the frames of each
+file that a unit uses (column `conventions.FRAMES`, "" for all).
 
 Privacy rules enforced here: results tables and log text carry only pseudonyms
 (`conventions.pseudonym`), counts and whitelisted acquisition values; file paths (folder
@@ -30,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -38,6 +46,7 @@ from pydicom.uid import UID
 
 from radflow import conventions as C
 from radflow.deid import quiet_pydicom
+from radflow.dicom.syntax import syntax_problem, transfer_syntax
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
@@ -57,12 +66,16 @@ REASON_DICOMDIR = "DICOMDIR (directory record, not an image)"
 REASON_DUPLICATE = "duplicate instance"
 REASON_NO_LABEL = "no label in labels table"
 REASON_TRUNCATED_HEADER = "truncated file: it ends before the pixel data"
+REASON_LOCALIZER = "localizer excluded from its series (ImageType LOCALIZER)"
+REASON_OFF_STACK = "orientation differs from the series' main stack (localizer or scout): excluded"
 #: Reasons that end in file-specific details "(...)"; the summary counts them by prefix.
 _DETAILED_REASONS = (
     "truncated file: pixel data incomplete",
     "pixel data too short for Rows x Columns",
     "multi-frame instance",
     "unreadable DICOM",
+    REASON_LOCALIZER,
+    REASON_OFF_STACK,
 )
 
 #: Header elements read by the index (plus the label and patient keys given by the user).
@@ -83,7 +96,36 @@ _INDEX_KEYWORDS = (
     "BodyPartExamined",
     "ViewPosition",
     "Manufacturer",
+    # geometry and stack keys: localizer exclusion and splitting a series into stacks
+    "ImageType",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "EchoNumbers",
+    "EchoTime",
+    "TemporalPositionIdentifier",
+    "TriggerTime",
+    "AcquisitionNumber",
+    "DiffusionBValue",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
 )
+
+#: Keys that can separate the stacks of one series, in the order they are tried:
+#: (name used in unit ids, classic keyword, functional group macro, element in it).
+STACK_KEYS = (
+    ("stack", "", "FrameContentSequence", "StackID"),
+    ("echo", "EchoNumbers", "", ""),
+    ("te", "EchoTime", "MREchoSequence", "EffectiveEchoTime"),
+    ("time", "TemporalPositionIdentifier", "FrameContentSequence", "TemporalPositionIndex"),
+    ("trigger", "TriggerTime", "CardiacSynchronizationSequence",
+     "NominalCardiacTriggerDelayTime"),
+    ("acq", "AcquisitionNumber", "", ""),
+    ("b", "DiffusionBValue", "MRDiffusionSequence", "DiffusionBValue"),
+)  # fmt: skip
+#: Slices of one stack whose positions along the normal differ by less are "the same".
+SAME_POSITION_MM = 0.01
+#: Direction cosines that differ by more belong to different orientations.
+ORIENTATION_TOLERANCE = 1e-3
 
 _SERIES_COLUMNS = [
     C.SERIES_PID,
@@ -103,11 +145,22 @@ _SERIES_COLUMNS = [
 ]
 _QUARANTINE_COLUMNS = [C.FILE_ID, C.SERIES_PID, C.REASON]
 _QUARANTINE_PATH_COLUMNS = [C.FILE_ID, C.SERIES_PID, C.PATH, C.REASON]
-_SHARD_COLUMNS = [C.SERIES_PID, C.MODALITY, C.PATH]
+_SHARD_COLUMNS = [C.SERIES_PID, C.MODALITY, C.PATH, C.FRAMES]
 _ANNOTATION_COLUMNS = [C.SERIES_PID, C.ROW_PX, C.COL_PX, C.DIAMETER_MM]
 
 
 # ------------------------------------------------------------------- file records
+@dataclass(frozen=True, slots=True)
+class SliceKey:
+    """What the index knows of one slice: a single-frame file, one frame of an enhanced
+    multi-frame file, or a legacy multi-frame file as a whole (frame None)."""
+
+    frame: int | None
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient (6 cosines)
+    position: tuple[float, ...] | None  # ImagePositionPatient (LPS mm)
+    keys: tuple[tuple[str, str], ...] = ()  # (STACK_KEYS name, value) present
+
+
 @dataclass(slots=True)
 class FileRecord:
     """What the index keeps of one file. Identifier fields stay in memory only."""
@@ -127,6 +180,9 @@ class FileRecord:
     body_part: str = ""
     view_position: str = ""
     manufacturer: str = ""
+    image_type: str = ""
+    n_frames: int = 1
+    slices: list[SliceKey] = field(default_factory=list)
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -136,6 +192,72 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
         return "\\".join(str(v).strip() for v in value)
     return str(value).strip()
+
+
+def _vector(ds: pydicom.Dataset | None, keyword: str, n: int) -> tuple[float, ...] | None:
+    value = ds.get(keyword) if ds is not None else None
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(math.isfinite(v) for v in out) else None
+
+
+def frame_groups(ds: pydicom.Dataset, frame: int) -> list[pydicom.Dataset]:
+    """The functional group items that apply to `frame` (0-based) of an enhanced
+    multi-frame dataset: the shared item first, then the frame's own (whose values win).
+    Empty for a legacy multi-frame or single-frame dataset."""
+    items = []
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        items.append(shared[0])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame < len(per_frame):
+        items.append(per_frame[frame])
+    return items
+
+
+def group_value(items: Sequence[pydicom.Dataset], macro: str, keyword: str) -> Any:
+    """Value of `keyword` inside the functional group `macro`; the last item that has it
+    wins (per-frame over shared). None if absent."""
+    found = None
+    for item in items:
+        seq = item.get(macro)
+        if seq and keyword in seq[0] and seq[0][keyword].value not in (None, ""):
+            found = seq[0][keyword].value
+    return found
+
+
+def _slice_keys(ds: pydicom.Dataset, n_frames: int) -> list[SliceKey]:
+    """One SliceKey per frame of an enhanced multi-frame file, else one for the file."""
+    if n_frames > 1 and ds.get("PerFrameFunctionalGroupsSequence"):
+        out = []
+        for frame in range(n_frames):
+            items = frame_groups(ds, frame)
+            holder = pydicom.Dataset()
+            for keyword, macro in (("ImageOrientationPatient", "PlaneOrientationSequence"),
+                                   ("ImagePositionPatient", "PlanePositionSequence")):  # fmt: skip
+                value = group_value(items, macro, keyword)
+                if value is not None:
+                    setattr(holder, keyword, value)
+            keys = []
+            for name, _, macro, keyword in STACK_KEYS:
+                value = group_value(items, macro, keyword) if macro else None
+                if value is not None and str(value).strip():
+                    keys.append((name, str(value).strip()))
+            out.append(SliceKey(frame, _vector(holder, "ImageOrientationPatient", 6),
+                                _vector(holder, "ImagePositionPatient", 3), tuple(keys)))  # fmt: skip
+        return out
+    keys = tuple(
+        (name, _text(ds, keyword)) for name, keyword, _, _ in STACK_KEYS
+        if keyword and _text(ds, keyword)
+    )  # fmt: skip
+    return [
+        SliceKey(None, _vector(ds, "ImageOrientationPatient", 6),
+                 _vector(ds, "ImagePositionPatient", 3), keys)
+    ]  # fmt: skip
 
 
 def format_mm(value: float) -> str:
@@ -185,8 +307,7 @@ def _pixel_data_problem(
     interrupted mid-file still has a complete header). Deflated files are not checked:
     their file offset does not map onto the dataset.
     """
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    ts = UID(str(ts)) if ts else UID("1.2.840.10008.1.2.1")
+    ts = transfer_syntax(ds)  # a dataset without file meta: the encoding pydicom found
     if not ts.is_transfer_syntax:  # private syntax: layout unknown, leave it to convert
         return True, ""
     if ts.is_deflated:
@@ -214,6 +335,8 @@ def _pixel_data_problem(
             int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames
             * int(ds.BitsAllocated) // 8
         )  # fmt: skip
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+            needed = needed * 2 // 3  # native 4:2:2 stores two chroma samples per pixel pair
     except (AttributeError, TypeError, ValueError):
         return True, ""
     if not ts.is_compressed and length < needed:
@@ -236,7 +359,7 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
             rec.reason = REASON_EMPTY
             return rec
         with quiet_pydicom(), open(path, "rb") as fh:
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=tags)
+            ds = _read_header(fh, tags)
             position = fh.tell()
             has_pixels, pixel_problem = _pixel_data_problem(fh, ds, file_size, position)
             meta_class = (
@@ -264,6 +387,10 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
             if not has_geometry:
                 rec.reason = "incomplete image header (no Rows, Columns or BitsAllocated)"
                 return rec
+            syntax = syntax_problem(transfer_syntax(ds))
+            if syntax:
+                rec.reason = syntax
+                return rec
             if pixel_problem:
                 rec.reason = pixel_problem
                 return rec
@@ -272,8 +399,11 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
                     rec.reason = f"missing {keyword}"
                     return rec
             frames = int(ds.get("NumberOfFrames") or 1)
-            if frames > 1:
-                rec.reason = f"multi-frame instance ({frames} frames) is not supported yet"
+            if frames > 1 and (modality or "OT") in C.PROJECTION_MODALITIES:
+                rec.reason = (
+                    f"multi-frame instance ({frames} frames) of a projection modality "
+                    "(cine or tomosynthesis) is not supported"
+                )
                 return rec
             rec.sop_uid = _text(ds, "SOPInstanceUID")
             rec.series_uid = _text(ds, "SeriesInstanceUID")
@@ -287,11 +417,36 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
             rec.body_part = _text(ds, "BodyPartExamined")
             rec.view_position = _text(ds, "ViewPosition")
             rec.manufacturer = _text(ds, "Manufacturer")
+            rec.image_type = _text(ds, "ImageType").upper()
+            rec.n_frames = frames
+            rec.slices = _slice_keys(ds, frames)
     except InvalidDicomError:
         rec.reason = REASON_NOT_DICOM
     except Exception as exc:  # any parse failure of a damaged file: quarantine, go on
         rec.reason = f"unreadable DICOM ({_short_error(exc, path)})"
     return rec
+
+
+def _read_header(fh: Any, tags: Sequence[str]) -> pydicom.Dataset:
+    """The header (up to the pixel data) of a DICOM file, or of a raw dataset without
+    preamble and file meta (old archives write them; dcm2niix reads the little-endian
+    ones) or with meta but no preamble, which pydicom only parses when forced: a file is
+    taken for one if it starts with a group 0002 or 0008 element and holds SOPClassUID,
+    Modality or Rows. Raises InvalidDicomError otherwise."""
+    try:
+        return pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=tags)
+    except InvalidDicomError:
+        fh.seek(0)
+        if fh.read(2) not in (b"\x02\x00", b"\x08\x00", b"\x00\x08"):
+            raise
+        fh.seek(0)
+        try:
+            ds = pydicom.dcmread(fh, force=True, stop_before_pixels=True, specific_tags=tags)
+        except Exception as exc:  # junk that merely starts like a dataset
+            raise InvalidDicomError("not a DICOM dataset") from exc
+        if not any(_text(ds, k) for k in ("SOPClassUID", "Modality", "Rows")):
+            raise
+        return ds
 
 
 def _read_chunk(args: tuple[str, list[str], str, str]) -> list[FileRecord]:
@@ -512,11 +667,14 @@ class IndexResult:
     """Tables produced by `build_index` (all pandas DataFrames of strings/ints).
 
     - series (results): one row per labelled unit, columns `_SERIES_COLUMNS`.
-    - quarantine (results): file_id, series_pid, reason; one row per left-out file and one
-      per excluded unit (file_id empty).
+    - quarantine (results): file_id, series_pid, reason; one row per left-out file (a
+      localizer left out of a series carries that series' pseudonym) and one per excluded
+      unit (file_id empty).
     - quarantine_paths (PRIVATE): file_id, series_pid, path, reason; one row per left-out
       file, including every file of an excluded unit.
-    - shard_files (PRIVATE): {shard: table series_pid, modality, path}, every shard present.
+    - shard_files (PRIVATE): {shard: table series_pid, modality, path, frames}, every
+      shard present; frames (`conventions.FRAMES`) lists the 0-based frames of a
+      multi-frame file that the unit uses, "" for all frames or a single-frame file.
     - annotations (results): series_pid, row_px, col_px, diameter_mm.
     - summary: counts for the log (JSON-serialisable, PHI-free).
     """
@@ -565,6 +723,9 @@ class IndexResult:
             lines.append(f"index: {count} files left out: {reason}")
         for reason, count in sorted(s["units_excluded"].items()):
             lines.append(f"index: {count} units excluded: {reason}")
+        if s.get("n_series_split"):
+            by_key = ", ".join(f"{n} by {k}" for k, n in s["units_from_split_series"].items())
+            lines.append(f"index: {s['n_series_split']} series split into stacks ({by_key} units)")
         lines.append(
             f"index: {s['n_label_keys_unmatched']} of {s['n_label_keys']} label keys "
             "match no image unit"
@@ -613,8 +774,13 @@ def write_tsv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def read_shard_files(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a private shard table written by `IndexResult.write` (all strings)."""
-    return pd.read_csv(
+    """Read a private shard table written by `IndexResult.write` (all strings).
+
+    Columns: series_pid, modality, path, frames (`conventions.FRAMES`: the 0-based frames
+    of a multi-frame file that belong to the unit, "" for all). Tables written before the
+    frames column existed read with frames "" everywhere.
+    """
+    table = pd.read_csv(
         path,
         sep="\t",
         dtype=str,
@@ -623,6 +789,9 @@ def read_shard_files(path: str | os.PathLike) -> pd.DataFrame:
         encoding="utf-8",
         encoding_errors="surrogateescape",
     )
+    if C.FRAMES not in table.columns:
+        table[C.FRAMES] = ""
+    return table
 
 
 # ------------------------------------------------------------------ the index
@@ -644,6 +813,142 @@ class _Pseudonyms:
                 "raise conventions.PSEUDONYM_HEX_CHARS"
             )
         return pid
+
+
+@dataclass
+class ImageUnit:
+    """One future NIfTI image: its identifier (hashed into series_pid), files, the frames
+    of each multi-frame file that belong to it (path -> `conventions.FRAMES` text, absent
+    = all), the keys that split its series ("echo", "time/acq"...; "" if not split) and
+    why it cannot be used ("" if it can)."""
+
+    unit_id: str
+    files: list[FileRecord]
+    frames: dict[str, str] = field(default_factory=dict)
+    split_by: str = ""
+    problem: str = ""
+
+
+def _normal(orientation: Sequence[float]) -> np.ndarray:
+    n = np.cross(orientation[:3], orientation[3:])
+    return n / (np.linalg.norm(n) or 1.0)
+
+
+def _positions_unique(slices: Sequence[tuple[FileRecord, SliceKey]], normal: np.ndarray) -> bool:
+    along = [round(float(np.dot(sk.position, normal)) / SAME_POSITION_MM) for _, sk in slices]
+    return len(set(along)) == len(along)
+
+
+def split_series(
+    series_uid: str, files: Sequence[FileRecord]
+) -> tuple[list[ImageUnit], list[tuple[FileRecord, str]]]:
+    """The image units of one cross-sectional series, and the (file, reason) pairs left out.
+
+    1. Slices whose ImageType contains LOCALIZER are left out (a series of localizers only
+       becomes one unit that fails with a reason). 2. When more than half of the remaining
+       slices share one orientation, slices with another orientation (scouts, a reformat
+       slipped into the series) are left out. 3. When slices repeat positions along the
+       normal, the series is split by the first `STACK_KEYS` (stack, echo, echo time,
+       temporal position, trigger time, acquisition number, b-value) that vary, keys being
+       added in that order (a key is skipped if it would leave a stack of one slice) until
+       every stack has distinct positions; the unit id is "<series uid>/<key>=<value>/...".
+       If no keys separate them, the series stays one unit (conversion rejects it).
+    Multi-frame files take part frame by frame; a file partly used lists its frames.
+    Frames of an enhanced file with several StackIDs are split by stack first (unit id
+    "<series uid>/stack=<id>/..."), each stack then handled as above.
+    """
+    slices = [(rec, sk) for rec in files for sk in rec.slices]
+    by_stack: dict[str, list[tuple[FileRecord, SliceKey]]] = defaultdict(list)
+    for rec, sk in slices:
+        by_stack[dict(sk.keys).get("stack", "")].append((rec, sk))
+    if len(by_stack) == 1:
+        return _split_slices(series_uid, slices)
+    units, left_out = [], []
+    for stack, members in sorted(by_stack.items()):
+        found, lost = _split_slices(f"{series_uid}/stack={stack}", members)
+        units += found
+        left_out += lost
+    for unit in units:
+        unit.split_by = "/".join(["stack", *filter(None, [unit.split_by])])
+    return units, left_out
+
+
+def _split_slices(
+    series_uid: str, slices: Sequence[tuple[FileRecord, SliceKey]]
+) -> tuple[list[ImageUnit], list[tuple[FileRecord, str]]]:
+    """`split_series` for the slices of one stack; unit ids start with `series_uid`."""
+    files = list({rec.path: rec for rec, _ in slices}.values())
+    left_out: dict[str, list[tuple[FileRecord, SliceKey, str]]] = defaultdict(list)
+    keep = []
+    for rec, sk in slices:
+        if "LOCALIZER" in rec.image_type.split("\\"):
+            left_out[rec.path].append((rec, sk, REASON_LOCALIZER))
+        else:
+            keep.append((rec, sk))
+    if not keep:
+        return [ImageUnit(series_uid, list(files), problem="localizer series (every image "
+                          "has ImageType LOCALIZER)")], []  # fmt: skip
+    geometric = all(sk.orientation is not None and sk.position is not None for _, sk in keep)
+    normal = None
+    if geometric:
+        groups: list[list[tuple[FileRecord, SliceKey]]] = []
+        for item in keep:
+            for group in groups:
+                if np.abs(np.subtract(group[0][1].orientation, item[1].orientation)).max() < (
+                    ORIENTATION_TOLERANCE
+                ):
+                    group.append(item)
+                    break
+            else:
+                groups.append([item])
+        main = max(groups, key=len)
+        if len(groups) > 1 and 2 * len(main) > len(keep):
+            for group in groups:
+                if group is not main:
+                    for rec, sk in group:
+                        left_out[rec.path].append((rec, sk, REASON_OFF_STACK))
+            keep, groups = main, [main]
+        # several orientations and none in the majority: left to conversion to reject
+        normal = _normal(main[0][1].orientation) if len(groups) == 1 else None
+    stacks = {(): keep}
+    used: list[str] = []
+    if normal is not None and not _positions_unique(keep, normal):
+        for name, *_ in STACK_KEYS[1:]:  # stacks are split already
+            if len({dict(sk.keys).get(name, "") for _, sk in keep}) < 2:
+                continue
+            candidate: dict[tuple[str, ...], list] = defaultdict(list)
+            for rec, sk in keep:
+                values = dict(sk.keys)
+                candidate[tuple(values.get(n, "") for n in [*used, name])].append((rec, sk))
+            if min(len(v) for v in candidate.values()) < 2:
+                continue
+            used.append(name)
+            stacks = dict(candidate)
+            if all(_positions_unique(v, normal) for v in stacks.values()):
+                break
+        else:
+            stacks, used = {(): keep}, []
+    units = []
+    for values, members in sorted(stacks.items()):
+        unit_id = "/".join([series_uid, *(f"{n}={v}" for n, v in zip(used, values, strict=True))])
+        by_file: dict[str, list[int | None]] = defaultdict(list)
+        records: dict[str, FileRecord] = {}
+        for rec, sk in members:
+            by_file[rec.path].append(sk.frame)
+            records[rec.path] = rec
+        frames = {}
+        for path, indices in by_file.items():
+            rec = records[path]
+            if rec.n_frames > 1 and None not in indices and len(indices) < rec.n_frames:
+                frames[path] = " ".join(str(i) for i in sorted(indices))
+        units.append(ImageUnit(unit_id, list(records.values()), frames, "/".join(used)))
+    rows = []
+    for _path, items in sorted(left_out.items()):
+        rec, reason = items[0][0], items[0][2]
+        if rec.n_frames > 1 and items[0][1].frame is not None:
+            reason = f"{reason} ({len(items)} of {rec.n_frames} frames)"
+        rows.append((rec, reason))
+    return units, rows
 
 
 def _check_keyword(keyword: str, what: str) -> None:
@@ -730,33 +1035,41 @@ def build_index(
     for rec in kept.values():
         by_series[rec.series_uid].append(rec)
 
-    # Image units: (unit identifier, files). Projection series split into instances.
-    units: list[tuple[str, list[FileRecord]]] = []
-    series_problem: dict[str, str] = {}
+    # Image units. Projection series split into instances; cross-sectional series lose
+    # their localizers and split into stacks (echoes, time points...), see split_series.
+    units: list[ImageUnit] = []
     for series_uid, files in by_series.items():
         modalities = {f.modality for f in files}
         if len(modalities) > 1:
-            series_problem[series_uid] = "Modality differs between files of the series"
-            units.append((series_uid, files))
-        elif modalities.pop() in C.PROJECTION_MODALITIES and len(files) > 1:
-            units.extend((f"{series_uid}/{f.sop_uid}", [f]) for f in files)
+            problem = "Modality differs between files of the series"
+            units.append(ImageUnit(series_uid, files, problem=problem))
+        elif modalities.pop() in C.PROJECTION_MODALITIES:
+            if len(files) > 1:
+                units.extend(ImageUnit(f"{series_uid}/{f.sop_uid}", [f]) for f in files)
+            else:
+                units.append(ImageUnit(series_uid, files))
         else:
-            units.append((series_uid, files))
+            found, left_out = split_series(series_uid, files)
+            units.extend(found)
+            series_pid = pseudo("ser", series_uid)
+            for rec, reason in left_out:
+                quarantine.append((file_id[rec.path], series_pid, rec.path, reason))
+    split_counts = Counter(u.split_by for u in units if u.split_by)
 
     unit_of_sop: dict[str, str] = {}
     series_rows: list[dict[str, Any]] = []
-    shard_rows: dict[int, list[tuple[str, str, str]]] = {k: [] for k in range(n_shards)}
+    shard_rows: dict[int, list[tuple[str, str, str, str]]] = {k: [] for k in range(n_shards)}
     excluded: Counter[str] = Counter()
     label_keys_used: set[str] = set()
     units_of_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
     # One labelled key seen with several patients (merged records?) can leak across splits.
     patients_of_key: dict[str, set[str]] = defaultdict(set)
-    for unit_id, files in units:
-        files.sort(key=lambda f: f.path)
-        series_pid = pseudo("ser", unit_id)
+    for unit in units:
+        files = sorted(unit.files, key=lambda f: f.path)
+        series_pid = pseudo("ser", unit.unit_id)
         for f in files:
-            unit_of_sop[f.sop_uid] = series_pid
-        reason = series_problem.get(files[0].series_uid, "")
+            unit_of_sop.setdefault(f.sop_uid, series_pid)
+        reason = unit.problem
         if not reason:
             reason = _unit_problem(files, label_key, patient_key)
         label_value = files[0].label_value
@@ -789,7 +1102,9 @@ def build_index(
             "manufacturer": first.manufacturer,
         }
         series_rows.append(row)
-        shard_rows[shard].extend((series_pid, first.modality, f.path) for f in files)
+        shard_rows[shard].extend(
+            (series_pid, first.modality, f.path, unit.frames.get(f.path, "")) for f in files
+        )
         if first.modality in C.PROJECTION_MODALITIES:
             units_of_key[label_value].append(row)
         patients_of_key[label_value].add(row[C.PATIENT_PID])
@@ -800,9 +1115,9 @@ def build_index(
         )
 
     # Keys of units that were found at all, for the "label matches no unit" count.
-    found_keys = {files[0].label_value for _, files in units}
+    found_keys = {unit.files[0].label_value for unit in units}
     annotation_rows, annotation_counts = _join_annotations(
-        annotations, units_of_key, {f.label_value for _, fs in units for f in fs}
+        annotations, units_of_key, {f.label_value for unit in units for f in unit.files}
     )
 
     series = pd.DataFrame(series_rows, columns=_SERIES_COLUMNS)
@@ -822,15 +1137,15 @@ def build_index(
     annotation_table = annotation_table.sort_values(_ANNOTATION_COLUMNS, kind="stable")
     annotation_table = annotation_table.reset_index(drop=True)
 
-    file_reasons = Counter(reason_category(rec.reason) for rec in records if rec.reason)
-    if duplicates:
-        file_reasons[REASON_DUPLICATE] = len(duplicates)
+    file_reasons = Counter(reason_category(row[3]) for row in quarantine if row[0])
     summary: dict[str, Any] = {
         "n_files": len(records),
         "n_image_files": sum(1 for rec in records if not rec.reason),
         "files_quarantined": dict(sorted(file_reasons.items())),
         "n_units_found": len(units),
         "units_excluded": dict(sorted(excluded.items())),
+        "n_series_split": len({u.unit_id.split("/")[0] for u in units if u.split_by}),
+        "units_from_split_series": dict(sorted(split_counts.items())),
         "n_units": len(series),
         "n_patients": int(series[C.PATIENT_PID].nunique()),
         "n_studies": int(series[C.STUDY_PID].nunique()),
