@@ -41,6 +41,10 @@ CONDA_NAME = {
     "skimage": "scikit-image",
     "cv2": "opencv",
     "SimpleITK": "simpleitk",
+    # pydicom's pixel-decoder plugins (installed from PyPI in envs/dicom.yaml)
+    "libjpeg": "pylibjpeg-libjpeg",
+    "openjpeg": "pylibjpeg-openjpeg",
+    "rle": "pylibjpeg-rle",
 }
 # conda package -> PyPI distribution name in pyproject.toml, where they differ
 PYPI_NAME = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
@@ -157,15 +161,29 @@ def third_party_imports(script: Path, root: Path = REPO) -> set[str]:
 _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_.\-]+)\s*(?P<constraint>.*)$")
 
 
-def env_packages(env: dict) -> dict[str, str]:
-    """{conda package: version constraint} of an env's conda dependencies."""
+def _specs(deps) -> dict[str, str]:
     packages = {}
-    for dep in env["dependencies"]:
-        if isinstance(dep, dict):  # a `pip:` list
-            continue
+    for dep in deps:
         m = _SPEC.match(str(dep).split("::")[-1].strip())
-        packages[m["name"].lower()] = m["constraint"].replace(" ", "")
+        packages[m["name"].lower().replace("_", "-")] = m["constraint"].replace(" ", "")
     return packages
+
+
+def env_packages(env: dict) -> dict[str, str]:
+    """{conda package: version constraint} of an env's conda dependencies, without
+    `pip` itself (the installer of the `pip:` list, needs no bound)."""
+    deps = [d for d in env["dependencies"] if not isinstance(d, dict)]
+    return {k: v for k, v in _specs(deps).items() if k != "pip"}
+
+
+def env_pip_packages(env: dict) -> dict[str, str]:
+    """{PyPI distribution: version constraint} of an env's `pip:` list, if any."""
+    pip = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    return _specs(pip[0]) if pip else {}
+
+
+def all_env_packages(env: dict) -> dict[str, str]:
+    return {**env_packages(env), **env_pip_packages(env)}
 
 
 def missing_from_env(modules: set[str], packages: dict[str, str]) -> set[str]:
@@ -226,7 +244,9 @@ def test_env_file_is_a_conda_environment(env_file):
     assert "defaults" not in env["channels"]  # licence and reproducibility: conda-forge only
     packages = env_packages(env)
     assert "python" in packages
-    for name, constraint in packages.items():
+    if env_pip_packages(env):  # a pip: list needs pip in the env
+        assert "pip" in _specs(d for d in env["dependencies"] if not isinstance(d, dict))
+    for name, constraint in all_env_packages(env).items():
         assert constraint, f"{env_file.name}: {name} has no version bound"
 
 
@@ -242,7 +262,7 @@ def test_env_provides_every_module_the_rule_imports(rule):
     script = (REPO / "rules" / directives["script"]).resolve()
     modules = third_party_imports(script)
     env = yaml.safe_load(_env_path(rule, directives, REPO / "rules").read_text())
-    missing = missing_from_env(modules, env_packages(env))
+    missing = missing_from_env(modules, all_env_packages(env))
     assert not missing, f"rule {rule} ({script.name}) imports modules its env lacks: {missing}"
 
 
@@ -252,7 +272,7 @@ def test_env_versions_agree_with_pyproject(env_file):
     python_bound = _lower_bound(
         tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     )
-    for name, constraint in env_packages(yaml.safe_load(env_file.read_text())).items():
+    for name, constraint in all_env_packages(yaml.safe_load(env_file.read_text())).items():
         pypi = "python" if name == "python" else PYPI_NAME.get(name, name)
         expected = python_bound if pypi == "python" else bounds.get(pypi)
         assert expected is not None, f"{env_file.name}: {name} is not declared in pyproject.toml"
