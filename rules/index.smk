@@ -30,3 +30,7 @@ checkpoint index:
         tree_fingerprint=get_tree_fingerprint(),
     script:
         "../scripts/index.py"
+
+
+# see INDEX_IS_CHECKPOINT in rules/common.smk
+workflow.get_rule("index").is_checkpoint = INDEX_IS_CHECKPOINT
