@@ -86,7 +86,7 @@ def get_tree_fingerprint():
 # dry run still shows every job.
 # Snakemake 9.27 plans nothing after a checkpoint whose output exists when --until or
 # --omit-from is given ("Nothing to be done"). Runs with those options therefore treat
-# the index as a plain rule (rules/index.smk): correct, but without the re-planning.
+# the index as an ordinary rule (see rules/index.smk), correct but without re-planning.
 # (Read from the command line: the DAG settings are not set yet while this file is parsed.)
 INDEX_IS_CHECKPOINT = not any(
     arg.split("=")[0] in ("--until", "-U", "--omit-from", "-O") for arg in sys.argv
