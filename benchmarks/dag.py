@@ -73,7 +73,7 @@ def write_study(root: Path, n_series: int) -> tuple[Path, int]:
             "manufacturer": "ACME",
         }
     )
-    files = pd.DataFrame({C.SERIES_PID: pids, C.MODALITY: "DX", C.PATH: paths})
+    files = pd.DataFrame({C.SERIES_PID: pids, C.MODALITY: "DX", C.PATH: paths, C.FRAMES: ""})
     shard_files = {k: files[series[C.SHARD] == k].reset_index(drop=True) for k in range(n_shards)}
     empty = pd.DataFrame(columns=[C.FILE_ID, C.SERIES_PID, C.REASON])
     IndexResult(

@@ -302,7 +302,14 @@ def test_new_files_reconvert_only_the_shards_they_fall_in(tmp_path):
         }
 
     stamps_before = stamps()
-    template = next(line.split("\t")[-1] for line in before["shard-000"].decode().splitlines()[1:])
+    from radflow import conventions as C
+    from radflow.dicom.index import read_shard_files
+
+    template = next(
+        path
+        for s in shards
+        for path in read_shard_files(tables[s])[C.PATH]  # a file of a kept unit
+    )
     _add_labelled_image(dicom, template, "1")
     assert planned_jobs(workdir, [four]).get("index") == 1  # the tree fingerprint changed
     done = snakemake(workdir, configs=[four], targets=targets)
