@@ -105,6 +105,25 @@ def shard_of(series_pid: str, n_shards: int) -> int:
     return int.from_bytes(digest[:8], "big") % n_shards
 
 
+AUTO_FILES_PER_SHARD = 1000  # `shards: auto` aims at no more than this many files a shard
+MAX_AUTO_SHARDS = 1024
+
+
+def auto_shard_count(n_files: int) -> int:
+    """Shard count for `shards: auto`: the smallest power of two giving at most
+    AUTO_FILES_PER_SHARD files per shard, capped at MAX_AUTO_SHARDS.
+
+    Powers of two are coarse steps: the count only changes when the cohort crosses
+    1000, 2000, 4000, ... files, so adding a few files to a study does not re-deal every
+    unit to new shards (which would reconvert everything). E.g. 150 files -> 1,
+    1000 -> 1, 1001 -> 2, 100,000 -> 128, 10^7 -> 1024.
+    """
+    if n_files < 0:
+        raise ValueError(f"n_files must be >= 0, got {n_files}")
+    needed = max(1, -(-n_files // AUTO_FILES_PER_SHARD))  # ceil
+    return min(MAX_AUTO_SHARDS, 1 << (needed - 1).bit_length())
+
+
 def shard_name(shard: int) -> str:
     return f"shard-{shard:03d}"
 

@@ -272,7 +272,8 @@ def run_fold(
     """The train stage for one fold: fit on the other dev folds, select on this one.
 
     Inputs: the preprocess shard folders and the split table. Outputs: the best
-    checkpoint at `model_path` and the per-epoch history table at `history_path`.
+    checkpoint at `model_path` and the per-epoch history table at `history_path`, both
+    written atomically, the checkpoint only when training has finished.
     """
     from radflow import conventions as C
     from radflow.data import PreprocessedStore
@@ -306,6 +307,10 @@ def run_fold(
         f"model {task.name} depth {settings.model.get('depth')} "
         f"width {settings.model.get('base_width')}"
     )
+    # The best-so-far checkpoint is kept under a hidden staging name and moved to
+    # `model_path` only once training has finished: a job killed mid-training leaves no
+    # model.pt that looks like a finished fold (the rerun starts the fold afresh).
+    staging_path = Path(model_path).with_name(f".{Path(model_path).name}.in-progress")
     history = train_model(
         task,
         train_images,
@@ -314,13 +319,14 @@ def run_fold(
         val_rows[C.LABEL].to_numpy(),
         settings,
         threads=threads,
-        checkpoint_path=model_path,
+        checkpoint_path=staging_path,
         progress=lambda epochs: progress(epochs, desc=f"train fold {fold}", unit="epoch"),
     )
     history.insert(0, C.FOLD, fold)
     tmp = Path(history_path).with_name(f".{Path(history_path).name}.tmp")
     history.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
     os.replace(tmp, history_path)
+    os.replace(staging_path, model_path)
     best = (
         history.loc[history[task.monitor].idxmax()]
         if history[task.monitor].notna().any()

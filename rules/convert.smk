@@ -1,6 +1,6 @@
 rule convert:
     input:
-        files=f"{PRIVATE}/{C.SHARD_INDEX_DIR}/{{shard}}.tsv",
+        files=get_shard_files,
     output:
         directory(f"{RESULTS}/nifti/{{shard}}"),
     log:

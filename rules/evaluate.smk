@@ -1,6 +1,7 @@
 rule evaluate:
     input:
-        expand(f"{RESULTS}/predict/fold{{fold}}.tsv", fold=FOLDS),
+        predictions=expand(f"{RESULTS}/predict/fold{{fold}}.tsv", fold=FOLDS),
+        series=get_series_table,  # re-planned after the index (rules/common.smk)
     output:
         metrics=f"{RESULTS}/evaluate/metrics.json",
         table=report(

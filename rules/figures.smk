@@ -2,6 +2,7 @@ rule figures:
     input:
         curves=f"{RESULTS}/evaluate/curves.json",
         histories=expand(f"{RESULTS}/train/fold{{fold}}/history.tsv", fold=FOLDS),
+        series=get_series_table,  # re-planned after the index (rules/common.smk)
     output:
         roc=report(
             f"{RESULTS}/figures/roc.png",

@@ -1,4 +1,4 @@
-rule index:
+checkpoint index:
     input:
         dicom=get_dicom_input(),
         labels=config["data"]["labels_table"],
@@ -26,7 +26,11 @@ rule index:
     params:
         dicom_root=get_dicom_root,
         labels=get_label_params(),
-        n_shards=config["shards"],
+        n_shards=N_SHARDS,
         tree_fingerprint=get_tree_fingerprint(),
     script:
         "../scripts/index.py"
+
+
+# see INDEX_IS_CHECKPOINT in rules/common.smk
+workflow.get_rule("index").is_checkpoint = INDEX_IS_CHECKPOINT

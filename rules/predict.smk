@@ -3,6 +3,7 @@ rule predict:
         model=f"{RESULTS}/train/fold{{fold}}/model.pt",
         preprocessed=get_preprocessed(),
         folds=f"{RESULTS}/split/folds.tsv",
+        series=get_series_table,  # re-planned after the index (rules/common.smk)
     output:
         f"{RESULTS}/predict/fold{{fold}}.tsv",
     log:

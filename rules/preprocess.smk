@@ -1,6 +1,7 @@
 rule preprocess:
     input:
-        f"{RESULTS}/nifti/{{shard}}",
+        nifti=f"{RESULTS}/nifti/{{shard}}",
+        shard_files=get_shard_files,  # re-planned after the index (rules/common.smk)
     output:
         directory(f"{RESULTS}/preprocessed/{{shard}}"),
     log:

@@ -1,6 +1,6 @@
 rule split:
     input:
-        f"{RESULTS}/index/{C.SERIES_TABLE}",
+        get_series_table,
     output:
         f"{RESULTS}/split/folds.tsv",
     log:

@@ -2,6 +2,7 @@ rule train:
     input:
         preprocessed=get_preprocessed(),
         folds=f"{RESULTS}/split/folds.tsv",
+        series=get_series_table,  # re-planned after the index (rules/common.smk)
     output:
         model=f"{RESULTS}/train/fold{{fold}}/model.pt",
         history=f"{RESULTS}/train/fold{{fold}}/history.tsv",

@@ -15,7 +15,7 @@ with log_to(snakemake.log[0]):
     predictions = pd.concat(
         [
             pd.read_csv(p, sep="\t", dtype={"series_pid": str, "patient_pid": str})
-            for p in snakemake.input
+            for p in snakemake.input.predictions
         ],
         ignore_index=True,
     )

@@ -97,9 +97,9 @@ def scontrol_jobs(cluster) -> list[dict[str, str]]:
 
 def jobs_run_inside(log: str) -> list[tuple[str, str]]:
     """(rule, wildcards) of each Snakemake job a SLURM job's log shows being executed
-    (`localrule` blocks: printed by the Snakemake process that srun starts in the job)."""
+    (`localrule`/`localcheckpoint` blocks: printed by the Snakemake process that srun starts in the job)."""
     ran = []
-    for block in re.finditer(r"^localrule (\w+):\n((?:    .*\n)*)", log, re.M):
+    for block in re.finditer(r"^local(?:rule|checkpoint) (\w+):\n((?:    .*\n)*)", log, re.M):
         wildcards = re.search(r"^    wildcards: (.*)$", block[2], re.M)
         ran.append((block[1], wildcards[1] if wildcards else ""))
     return ran

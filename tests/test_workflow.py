@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -36,10 +37,13 @@ ALL_RULES = {
 pytestmark = pytest.mark.workflow
 
 
-def snakemake(workdir: Path, *args: str, configs=(), check=True) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, configs=(), targets=(), check=True
+) -> subprocess.CompletedProcess:
     configfiles = [str(REPO / "config" / "config.yaml"), str(TINY), *map(str, configs)]
     cmd = [
         *SNAKEMAKE,
+        *targets,  # first: options such as --resources would take them as values
         "-s",
         str(REPO / "Snakefile"),
         "-d",
@@ -58,9 +62,11 @@ def snakemake(workdir: Path, *args: str, configs=(), check=True) -> subprocess.C
     return done
 
 
-def planned_jobs(workdir: Path, configs=()) -> dict[str, int]:
+def planned_jobs(workdir: Path, configs=(), *args: str, targets=()) -> dict[str, int]:
     """Job counts per rule from Snakemake's own dry-run summary ("Job stats")."""
-    out = snakemake(workdir, "--dry-run", "--quiet", "rules", configs=configs)
+    out = snakemake(
+        workdir, "--dry-run", *args, "--quiet", "rules", configs=configs, targets=targets
+    )
     text = out.stdout + out.stderr
     if "Nothing to be done" in text:
         return {}
@@ -219,8 +225,177 @@ def test_own_data_runs_the_same_study_and_new_files_rerun_the_index(tmp_path):
     assert (workdir / "results" / "evaluate" / "metrics.json").exists()
     assert (tmp_path / "secret" / "study.key").stat().st_mode & 0o077 == 0  # private key
     assert planned_jobs(workdir, [own]) == {}
+    # a file touched (same content, new mtime) reruns the index, which rewrites the same
+    # tables: Snakemake re-plans after the index checkpoint and nothing else reruns
+    outputs = [
+        p for p in (workdir / "results").rglob("*") if p.is_file() and "index" not in p.parts
+    ]
+    mtimes = {p: p.stat().st_mtime_ns for p in outputs if "logs" not in p.parts}
+    os.utime(next(dicom.rglob("IM*")))
+    done = snakemake(workdir, configs=[own])
+    assert re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):", done.stderr, re.M) == [
+        "index",
+        "all",  # collects targets only, runs nothing
+    ]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     # a new file in the export changes the tree fingerprint: the index reruns
     extra = next(p for p in dicom.rglob("IM*") if p.stat().st_size > 10_000)
     (dicom / "late_arrival").mkdir()
     shutil.copy(extra, dicom / "late_arrival" / "IM_copy")
     assert "index" in planned_jobs(workdir, [own])
+
+
+def _add_labelled_image(dicom: Path, template_rel: str, tag: str) -> None:
+    """A late-arriving image: a copy of a kept unit with new UIDs (same accession, so
+    the labels table already labels it), written into a new folder of the export."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(dicom / template_rel)
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["late", tag])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["late-series", tag])
+    (dicom / "late").mkdir(exist_ok=True)
+    ds.save_as(dicom / "late" / f"IM_{tag}")
+
+
+def test_new_files_reconvert_only_the_shards_they_fall_in(tmp_path):
+    """User data, 4 shards: a new image lands in one shard; after the index reruns (and
+    rewrites the other shard tables byte-identically) only that shard is converted and
+    preprocessed again, in the same Snakemake run."""
+    from synth_cohort import make_cohort
+
+    dicom, labels, _ = make_cohort(tmp_path / "export", n_patients=20, seed=5)
+    data = {
+        "dicom_root": str(dicom),
+        "labels_table": str(labels),
+        "annotations_table": None,
+    }
+    deid = {"key_file": str(tmp_path / "secret" / "study.key")}
+    own = _override(
+        tmp_path,
+        "own",
+        {"synthesize": {"enabled": False}, "data": data, "deid": deid, "shards": "auto"},
+    )
+    workdir = tmp_path / "study"
+    workdir.mkdir()
+    # shards: auto on this export's few dozen files -> one shard
+    assert planned_jobs(workdir, [own])["convert"] == 1
+    four = _override(
+        tmp_path,
+        "four",
+        {"synthesize": {"enabled": False}, "data": data, "deid": deid, "shards": 4},
+    )
+    shards = [f"shard-{k:03d}" for k in range(4)]
+    targets = [f"results/preprocessed/{s}" for s in shards]
+    snakemake(workdir, configs=[four], targets=targets)
+    tables = {s: workdir / "private" / "index" / f"{s}.tsv" for s in shards}
+    before = {s: tables[s].read_bytes() for s in shards}
+
+    def stamps():
+        return {
+            s: (
+                (workdir / "results" / "nifti" / s / "manifest.tsv").stat().st_mtime_ns,
+                (workdir / "results" / "preprocessed" / s / "manifest.tsv").stat().st_mtime_ns,
+            )
+            for s in shards
+        }
+
+    stamps_before = stamps()
+    from radflow import conventions as C
+    from radflow.dicom.index import read_shard_files
+
+    template = next(
+        path
+        for s in shards
+        for path in read_shard_files(tables[s])[C.PATH]  # a file of a kept unit
+    )
+    _add_labelled_image(dicom, template, "1")
+    assert planned_jobs(workdir, [four]).get("index") == 1  # the tree fingerprint changed
+    done = snakemake(workdir, configs=[four], targets=targets)
+    changed = {s for s in shards if tables[s].read_bytes() != before[s]}
+    assert len(changed) == 1, changed  # one new unit, one shard
+    ran = set(
+        re.findall(r"rule convert:\n(?:\s+\w+:.*\n)*?\s+wildcards: shard=(shard-\d+)", done.stderr)
+    )
+    reran = {s for s in shards if stamps()[s] != stamps_before[s]}
+    assert ran == reran == changed, (ran, reran, changed)
+    assert planned_jobs(workdir, [four], targets=targets) == {}
+
+
+def test_killed_run_resumes_without_redoing_finished_stages(study, tmp_path):
+    """SIGKILL the whole Snakemake process group in the middle of training, then run the
+    documented recovery (`--unlock`, then the same command again):
+    index/convert/preprocess/split are not redone, no half-written output looked
+    finished, and the results equal the uninterrupted `study` run's."""
+    import signal
+    import time
+
+    workdir = tmp_path / "killed"
+    workdir.mkdir()
+    cmd = [
+        *SNAKEMAKE,
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(REPO / "config" / "config.yaml"),
+        str(TINY),
+        "--cores",
+        "2",
+        "--resources",
+        "gpu=1",
+    ]
+    log = (tmp_path / "first_run.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=log, start_new_session=True)
+    train_dir = workdir / "results" / "train"
+    deadline = time.monotonic() + 300
+    try:
+        # the staging checkpoint appears after the first epoch of a fold: mid-training
+        while not any(train_dir.glob("fold*/.model.pt.in-progress")):
+            assert proc.poll() is None, (tmp_path / "first_run.log").read_text()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # nothing looks finished that is not: the fold killed mid-training has its staging
+    # checkpoint but no model.pt; any model.pt comes with its history
+    staged = [p.parent for p in train_dir.glob("fold*/.model.pt.in-progress")]
+    assert staged and not any((fold / "model.pt").exists() for fold in staged)
+    assert all((p.parent / "history.tsv").exists() for p in train_dir.glob("fold*/model.pt"))
+    finished = [
+        workdir / "results" / "index" / "series.tsv",
+        *sorted((workdir / "results" / "nifti").glob("shard-*/manifest.tsv")),
+        *sorted((workdir / "results" / "preprocessed").glob("shard-*/manifest.tsv")),
+        workdir / "results" / "split" / "folds.tsv",
+    ]
+    assert len(finished) == 6
+    mtimes = {p: p.stat().st_mtime_ns for p in finished}
+
+    # the killed Snakemake left its lock: a new run refuses to start until --unlock
+    locked = snakemake(workdir, check=False)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    snakemake(workdir, "--unlock")
+    jobs = planned_jobs(workdir)
+    assert not {"synthesize", "index", "convert", "preprocess", "split"} & set(jobs), jobs
+    assert jobs["train"] >= 1
+    # the same command again (profiles/default sets rerun-incomplete)
+    snakemake(workdir)
+    assert {p: p.stat().st_mtime_ns for p in finished} == mtimes
+    assert planned_jobs(workdir) == {}
+
+    import torch
+
+    for fold in (0, 1):
+        ours = torch.load(train_dir / f"fold{fold}" / "model.pt", weights_only=True)
+        ref = torch.load(
+            study / "results" / "train" / f"fold{fold}" / "model.pt", weights_only=True
+        )
+        assert ours["epoch"] == ref["epoch"]
+        for name, tensor in ref["state_dict"].items():
+            assert torch.equal(ours["state_dict"][name], tensor), name
+    for rel in ("split/folds.tsv", "predict/fold0.tsv", "evaluate/metrics.json"):
+        assert (workdir / "results" / rel).read_bytes() == (study / "results" / rel).read_bytes()

@@ -3,12 +3,22 @@ read converted images back in DICOM display order (`nifti`)."""
 
 from __future__ import annotations
 
+import re
 from importlib import metadata
+from pathlib import Path
 
 
 def radflow_version() -> str:
-    """The installed radflow version, e.g. "0.1.0" ("unknown" when not installed)."""
+    """The radflow version, e.g. "0.1.0": the installed distribution's, else (radflow used
+    from the workflow folder, as in the per-stage conda environments, which do not install
+    it) the one in the pyproject.toml beside the package; "unknown" if neither exists."""
     try:
         return metadata.version("radflow")
     except metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    try:
+        match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M)
+    except OSError:
         return "unknown"
+    return match[1] if match else "unknown"

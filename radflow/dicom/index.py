@@ -482,12 +482,13 @@ def list_files(dicom_root: str | os.PathLike) -> list[str]:
     return sorted(out)
 
 
-def tree_fingerprint(dicom_root: str | os.PathLike) -> str:
+def tree_fingerprint(dicom_root: str | os.PathLike, files: list[str] | None = None) -> str:
     """A short hash of every indexed file's relative path, size and modification time.
 
     Used as a Snakemake parameter of the index rule: adding, removing or replacing a file
     changes it and reruns the index, while an untouched tree reruns nothing. Costs one
-    stat per file (about a second for 10^5 files), no reads.
+    stat per file (about a second for 10^5 files), no reads. `files`: the tree's
+    `list_files(dicom_root)` when the caller has it already.
     """
     import hashlib
 
@@ -495,7 +496,7 @@ def tree_fingerprint(dicom_root: str | os.PathLike) -> str:
     if not root.is_dir():
         return "missing"
     digest = hashlib.sha256()
-    for rel in list_files(root):
+    for rel in list_files(root) if files is None else files:
         stat = (root / rel).stat()
         digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
