@@ -45,9 +45,10 @@ CONDA_NAME = {
     "libjpeg": "pylibjpeg-libjpeg",
     "openjpeg": "pylibjpeg-openjpeg",
     "rle": "pylibjpeg-rle",
+    "zlib_ng": "python-zlib-ng",
 }
 # conda package -> PyPI distribution name in pyproject.toml, where they differ
-PYPI_NAME = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
+PYPI_NAME = {"pytorch": "torch", "matplotlib-base": "matplotlib", "python-zlib-ng": "zlib-ng"}
 # conda packages that satisfy an import under another package's name
 PROVIDES = {"matplotlib": {"matplotlib-base"}}
 
@@ -108,12 +109,28 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(isinstance(t, ast.Name) and t.id in ("ImportError", "ModuleNotFoundError")
+               for t in types)  # fmt: skip
+
+
 def _imports_of(path: Path, module: str | None) -> set[str]:
     """Fully qualified names imported anywhere in `path` (functions' bodies included)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module if module and path.name == "__init__.py" else (module or "").rpartition(".")[0]
     names: set[str] = set()
+    # An import guarded by `try: ... except ImportError:` has a fallback: it is optional.
+    optional = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers)
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
+        if id(node) in optional:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -291,7 +308,10 @@ def test_a_new_import_missing_from_the_env_is_caught(tmp_path):
     (tmp_path / "radflow" / "sub" / "deep.py").write_text(
         "import os\n\ndef f():\n    from sklearn.metrics import roc_auc_score\n"
     )
-    (tmp_path / "radflow" / "top.py").write_text("from .sub import deep\nimport yaml\n")
+    (tmp_path / "radflow" / "top.py").write_text(
+        "from .sub import deep\nimport yaml\ntry:\n    import zlib_ng\nexcept ImportError:\n"
+        "    zlib_ng = None  # optional: a fallback exists\n"
+    )
     script = tmp_path / "script.py"
     script.write_text("import sys\nfrom radflow.top import thing\n")
     modules = third_party_imports(script, root=tmp_path)
