@@ -73,6 +73,7 @@ parallel processes and gives a unit left alone the threads to compress it
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import sys
@@ -85,6 +86,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -180,8 +183,54 @@ class FrameView(pydicom.Dataset):
     frame: int
 
 
+_MISSING = object()
+
+
+@functools.cache
+def _tag_and_vr(keyword: str) -> tuple[int, str]:
+    tag = tag_for_keyword(keyword)
+    return tag, dictionary_VR(tag)
+
+
+def _get(ds: pydicom.Dataset, keyword: str, default: Any = None) -> Any:
+    """`ds.get(keyword, default)` for the numeric header elements conversion reads per slice.
+
+    Why not `ds.get`: pydicom's value conversion (hooks, DSfloat and MultiValue objects)
+    costs ~30 us an element, which dominated conversion time for series of many small
+    files. So an element still as read from the file (raw) is parsed here when that is
+    exact: DS text whose every value is a number (-> float, or a list of floats for
+    several values; pydicom's DSfloat is float() of the same text) and a US of one value
+    (-> int). Everything else (other VRs, empty or non-numeric text, values already
+    converted or set in code) goes through `ds.get`, so callers see the same numbers.
+    The dataset is not modified (pydicom would replace the raw element by its value).
+    """
+    tag, dictionary_vr = _tag_and_vr(keyword)
+    elem = ds.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return default
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        vr = elem.VR or dictionary_vr  # implicit VR files: the dictionary's VR, as pydicom
+        if vr == "DS":
+            # pydicom decodes DS as ISO 8859-1, strips trailing spaces/NULs, splits on "\"
+            items = elem.value.decode("latin-1").rstrip(" \x00").split("\\")
+            try:
+                values = [float(item) for item in items]
+            except ValueError:
+                return ds.get(keyword, default)
+            return values[0] if len(values) == 1 else values
+        if vr == "US" and len(elem.value) == 2:
+            return int.from_bytes(elem.value, "little" if elem.is_little_endian else "big")
+    return ds.get(keyword, default)
+
+
+def _attr(ds: pydicom.Dataset, keyword: str) -> Any:
+    """`ds.<keyword>` through `_get`: a missing element raises pydicom's AttributeError."""
+    value = _get(ds, keyword, _MISSING)
+    return getattr(ds, keyword) if value is _MISSING else value
+
+
 def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or isinstance(value, (str, bytes)):
         return None
     try:
@@ -193,7 +242,7 @@ def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
 
 def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
     try:
-        value = float(ds.get(keyword))
+        value = float(_get(ds, keyword))
     except (TypeError, ValueError):
         return None
     return value if np.isfinite(value) else None
@@ -461,7 +510,7 @@ def volume_geometry(
     notes: dict[str, Any] = {"spacing_source": "PixelSpacing"}
     notes["orientation_source"] = "ImageOrientationPatient"
     origin = positions_a[order[0]]
-    shape = (int(datasets[0].Rows), int(datasets[0].Columns))
+    shape = (int(_attr(datasets[0], "Rows")), int(_attr(datasets[0], "Columns")))
     plan = Resampling(along_mm=along - along[0])
     if len(datasets) == 1:
         ds = datasets[0]
@@ -557,8 +606,8 @@ def stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
 
 def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
     try:
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        slope = float(_get(ds, "RescaleSlope", 1) or 1)
+        intercept = float(_get(ds, "RescaleIntercept", 0) or 0)
     except (TypeError, ValueError) as exc:
         raise ConversionError("RescaleSlope or RescaleIntercept is not a number") from exc
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
@@ -570,17 +619,21 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
     """Checks that need no pixel decoding; returns the common PhotometricInterpretation."""
     photometrics = set()
     sizes = set()
+    problems: dict[str, str] = {}  # per transfer syntax: the slices of a unit share one
     for ds in datasets:
         photometric = _grayscale_photometric(ds)
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # load_slices splits multi-frame files
             raise ConversionError("multi-frame dataset passed whole, not split into frames")
         if "PixelData" not in ds:
             raise ConversionError("no pixel data")
-        problem = syntax_problem(transfer_syntax(ds))
+        syntax = transfer_syntax(ds)
+        if syntax not in problems:
+            problems[syntax] = syntax_problem(syntax)
+        problem = problems[syntax]
         if problem:
             raise ConversionError(problem)
         photometrics.add(photometric)
-        sizes.add((int(ds.Rows), int(ds.Columns)))
+        sizes.add((int(_attr(ds, "Rows")), int(_attr(ds, "Columns"))))
     if len(sizes) > 1:
         shown = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
         raise ConversionError(f"image sizes (rows x columns) differ between slices: {shown}")
@@ -592,7 +645,7 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
 def _grayscale_photometric(ds: pydicom.Dataset) -> str:
     """PhotometricInterpretation of a grayscale image; ConversionError for colour."""
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = int(_get(ds, "SamplesPerPixel", 1) or 1)
     if photometric not in _GRAYSCALE or samples != 1:
         raise ConversionError(
             f"colour image (PhotometricInterpretation {photometric or 'missing'}) "
@@ -605,9 +658,9 @@ def _native_dtype(ds: pydicom.Dataset, syntax: str) -> np.dtype | None:
     """The array type of uncompressed single-sample pixel data of 8, 16 or 32 bits
     allocated, as pydicom decodes it; None for anything else."""
     try:
-        bits = int(ds.BitsAllocated)
-        signed = int(ds.PixelRepresentation) == 1
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(_attr(ds, "BitsAllocated"))
+        signed = int(_attr(ds, "PixelRepresentation")) == 1
+        samples = int(_get(ds, "SamplesPerPixel", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         return None
     if samples != 1 or bits not in (8, 16, 32):
@@ -626,7 +679,8 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
     dtype = _native_dtype(ds, syntax) if syntax in _NATIVE_SYNTAXES else None
     if dtype is None or element is None:
         return None
-    size = int(ds.Rows) * int(ds.Columns) * dtype.itemsize
+    rows, cols = int(_attr(ds, "Rows")), int(_attr(ds, "Columns"))
+    size = rows * cols * dtype.itemsize
     value = element.value
     length = len(value) if isinstance(value, bytes) else getattr(element, "length", 0)
     if not 0 < size <= length < 0xFFFFFFFF:
@@ -643,10 +697,10 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
     if len(data) < size:
         return None
     pixels = np.frombuffer(data, dtype, count=size // dtype.itemsize)
-    pixels = pixels.reshape(int(ds.Rows), -1).astype(dtype.newbyteorder("="))
+    pixels = pixels.reshape(rows, -1).astype(dtype.newbyteorder("="))
     # Bits above BitsStored are undefined (old overlays live there) and a signed value's
     # sign bit is bit BitsStored - 1: mask or sign-extend, as pydicom's decoder does.
-    unused = dtype.itemsize * 8 - int(ds.get("BitsStored") or dtype.itemsize * 8)
+    unused = dtype.itemsize * 8 - int(_get(ds, "BitsStored") or dtype.itemsize * 8)
     if 0 < unused < dtype.itemsize * 8:
         if dtype.kind == "i":
             pixels = (pixels << unused) >> unused  # arithmetic shift keeps the sign
@@ -680,7 +734,9 @@ def _lut_range(ds: pydicom.Dataset) -> tuple[float, float]:
     return float(values.min()), float(values.max())
 
 
-def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[str, Any]]:
+def build_volume(
+    datasets: Sequence[pydicom.Dataset], photometric: str | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Rescaled (and MONOCHROME1-inverted) pixel values of slices in the given order.
 
     Input: datasets (pixel data may be deferred), already in slice order; each slice is
@@ -688,9 +744,11 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
     (slices, rows, columns) in DICOM display order, in rescaled units (HU for CT):
     float32 unless every slope, intercept and LUT value is an integer; then int16 if every
     value fits, else int32 (the slices before the first that needs it are widened once);
-    and notes for the sidecar.
+    and notes for the sidecar. `photometric`: what `_check_pixels(datasets)` returned
+    when the caller already ran it (None: it runs here).
     """
-    photometric = _check_pixels(datasets)
+    if photometric is None:
+        photometric = _check_pixels(datasets)
     luts = ["ModalityLUTSequence" in ds for ds in datasets]
     rescales = [(1.0, 0.0) if lut else _rescale(ds) for ds, lut in zip(datasets, luts, strict=True)]
     ranges = []
@@ -698,7 +756,8 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
         if lut:
             ranges.append(_lut_range(ds))
             continue
-        lo, hi = stored_range(int(ds.BitsStored), int(ds.PixelRepresentation) == 1)
+        bits, signed = int(_attr(ds, "BitsStored")), int(_attr(ds, "PixelRepresentation")) == 1
+        lo, hi = stored_range(bits, signed)
         ends = (slope * lo + intercept, slope * hi + intercept)
         ranges.append((min(ends), max(ends)))
     lo_possible = min(r[0] for r in ranges)
@@ -710,7 +769,7 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
     integral = integral and -(2**31) <= lo_possible and hi_possible < 2**31
     work_dtype = np.int64 if integral else np.float64
     inverted = photometric == "MONOCHROME1"
-    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    rows, cols = int(_attr(datasets[0], "Rows")), int(_attr(datasets[0], "Columns"))
     int16 = np.iinfo(np.int16)
     # decoded one slice at a time into the final type: int16 until a slice needs int32
     volume = np.empty((len(datasets), rows, cols), np.int16 if integral else np.float32)
@@ -792,7 +851,7 @@ def convert_unit(
             projection = modality in C.PROJECTION_MODALITIES
             if projection and len(datasets) != 1:
                 raise ConversionError(f"projection unit with {len(datasets)} slices (expected 1)")
-            _check_pixels(datasets)
+            photometric = _check_pixels(datasets)
             geometry = (
                 projection_geometry(datasets[0])
                 if projection
@@ -801,7 +860,7 @@ def convert_unit(
                 )
             )
             ordered = [datasets[i] for i in geometry.order]
-            volume, notes = build_volume(ordered)
+            volume, notes = build_volume(ordered, photometric)
             if geometry.resampling is not None:
                 volume = resample(volume, geometry.resampling)
         shape = (volume.shape[2], volume.shape[1], volume.shape[0])
