@@ -86,6 +86,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pydicom
+from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.pixels import apply_modality_lut
@@ -193,14 +194,15 @@ def _tag_and_vr(keyword: str) -> tuple[int, str]:
 
 
 def _get(ds: pydicom.Dataset, keyword: str, default: Any = None) -> Any:
-    """`ds.get(keyword, default)` for the numeric header elements conversion reads per slice.
+    """`ds.get(keyword, default)` for the header elements conversion reads per slice.
 
     Why not `ds.get`: pydicom's value conversion (hooks, DSfloat and MultiValue objects)
     costs ~30 us an element, which dominated conversion time for series of many small
     files. So an element still as read from the file (raw) is parsed here when that is
     exact: DS text whose every value is a number (-> float, or a list of floats for
-    several values; pydicom's DSfloat is float() of the same text) and a US of one value
-    (-> int). Everything else (other VRs, empty or non-numeric text, values already
+    several values; pydicom's DSfloat is float() of the same text), a US of one value
+    (-> int) and CS text of one value (-> str, decoded and stripped as pydicom does).
+    Everything else (other VRs, empty or non-numeric text, values already
     converted or set in code) goes through `ds.get`, so callers see the same numbers.
     The dataset is not modified (pydicom would replace the raw element by its value).
     """
@@ -211,13 +213,15 @@ def _get(ds: pydicom.Dataset, keyword: str, default: Any = None) -> Any:
     if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
         vr = elem.VR or dictionary_vr  # implicit VR files: the dictionary's VR, as pydicom
         if vr == "DS":
-            # pydicom decodes DS as ISO 8859-1, strips trailing spaces/NULs, splits on "\"
-            items = elem.value.decode("latin-1").rstrip(" \x00").split("\\")
+            # as pydicom: decoded as ISO 8859-1, trailing spaces/NULs removed, split on "\"
+            items = elem.value.decode(default_encoding).rstrip(" \x00").split("\\")
             try:
                 values = [float(item) for item in items]
             except ValueError:
                 return ds.get(keyword, default)
             return values[0] if len(values) == 1 else values
+        if vr == "CS" and b"\\" not in elem.value:
+            return elem.value.decode(default_encoding).rstrip(" \x00")
         if vr == "US" and len(elem.value) == 2:
             return int.from_bytes(elem.value, "little" if elem.is_little_endian else "big")
     return ds.get(keyword, default)
@@ -644,7 +648,7 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
 
 def _grayscale_photometric(ds: pydicom.Dataset) -> str:
     """PhotometricInterpretation of a grayscale image; ConversionError for colour."""
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    photometric = str(_get(ds, "PhotometricInterpretation", "")).strip().upper()
     samples = int(_get(ds, "SamplesPerPixel", 1) or 1)
     if photometric not in _GRAYSCALE or samples != 1:
         raise ConversionError(
@@ -777,6 +781,19 @@ def build_volume(
         pixels = slice_pixels(ds)
         if pixels.shape != (rows, cols):
             raise ConversionError(f"pixel data shape {pixels.shape} does not match Rows/Columns")
+        if integral and not luts[k] and not inverted and slope == 1 and pixels.itemsize <= 2:
+            # The common CT case (8/16-bit values, slope 1, integer intercept), with fewer
+            # passes over the slice than the general path below (the per-slice work
+            # counts for series of many small slices): value + intercept computed in
+            # int32 is exact (|value| < 2^16, every result is within the int32 range
+            # checked above), and its extremes are those of the stored values.
+            offset = int(intercept)
+            values = np.add(pixels, np.int32(offset), dtype=np.int32)
+            if volume.dtype == np.int16 and pixels.size:
+                if int(pixels.min()) + offset < int16.min or int(pixels.max()) + offset > int16.max:
+                    volume = volume.astype(np.int32)  # once, when a slice first needs it
+            volume[k] = values
+            continue
         if luts[k]:
             values = np.asarray(apply_modality_lut(pixels, ds)).astype(work_dtype)
         else:
