@@ -781,7 +781,8 @@ def build_volume(
         pixels = slice_pixels(ds)
         if pixels.shape != (rows, cols):
             raise ConversionError(f"pixel data shape {pixels.shape} does not match Rows/Columns")
-        if integral and not luts[k] and not inverted and slope == 1 and pixels.itemsize <= 2:
+        small_int = pixels.dtype.kind in "iu" and pixels.itemsize <= 2
+        if integral and not luts[k] and not inverted and slope == 1 and small_int:
             # The common CT case (8/16-bit values, slope 1, integer intercept), with fewer
             # passes over the slice than the general path below (the per-slice work
             # counts for series of many small slices): value + intercept computed in
