@@ -465,9 +465,10 @@ def test_convert_settings_checked_by_schema_and_config(tmp_path):
         check_config(config)
 
 
-@pytest.mark.parametrize("little_endian", [True, False])
-@pytest.mark.parametrize("implicit", [True, False])
-def test_raw_header_values_read_as_pydicom_reads_them(tmp_path, implicit, little_endian):
+@pytest.mark.parametrize(
+    ("implicit", "little_endian"), [(True, True), (False, True), (False, False)]
+)
+def test_raw_header_values_read_as_pydicom_reads_them(implicit, little_endian):
     """convert's quick parse of raw DS/US/CS elements (`_get`) gives the values pydicom's
     `ds.get` gives, including the cases it hands back to pydicom (empty, non-numeric,
     several values, values with padding)."""
@@ -476,8 +477,6 @@ def test_raw_header_values_read_as_pydicom_reads_them(tmp_path, implicit, little
 
     from radflow.dicom.convert import _attr, _get
 
-    if implicit and not little_endian:
-        pytest.skip("no implicit VR big endian")
     raw = {
         "ImagePositionPatient": b" -12.5\\3e2\\+0.25 ",
         "PixelSpacing": b"0.7\\0.7\x00",
