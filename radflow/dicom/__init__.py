@@ -3,11 +3,13 @@ read converted images back in DICOM display order (`nifti`)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from importlib import metadata
 from pathlib import Path
 
 
+@functools.cache  # read once per process: importlib.metadata parses the package metadata
 def radflow_version() -> str:
     """The radflow version, e.g. "0.1.0": the installed distribution's, else (radflow used
     from the workflow folder, as in the per-stage conda environments, which do not install

@@ -73,6 +73,7 @@ parallel processes and gives a unit left alone the threads to compress it
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import sys
@@ -85,6 +86,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pydicom
+from pydicom.charset import default_encoding
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -180,8 +184,57 @@ class FrameView(pydicom.Dataset):
     frame: int
 
 
+_MISSING = object()
+
+
+@functools.cache
+def _tag_and_vr(keyword: str) -> tuple[int, str]:
+    tag = tag_for_keyword(keyword)
+    return tag, dictionary_VR(tag)
+
+
+def _get(ds: pydicom.Dataset, keyword: str, default: Any = None) -> Any:
+    """`ds.get(keyword, default)` for the header elements conversion reads per slice.
+
+    Why not `ds.get`: pydicom's value conversion (hooks, DSfloat and MultiValue objects)
+    costs ~30 us an element, which dominated conversion time for series of many small
+    files. So an element still as read from the file (raw) is parsed here when that is
+    exact: DS text whose every value is a number (-> float, or a list of floats for
+    several values; pydicom's DSfloat is float() of the same text), a US of one value
+    (-> int) and CS text of one value (-> str, decoded and stripped as pydicom does).
+    Everything else (other VRs, empty or non-numeric text, values already
+    converted or set in code) goes through `ds.get`, so callers see the same numbers.
+    The dataset is not modified (pydicom would replace the raw element by its value).
+    """
+    tag, dictionary_vr = _tag_and_vr(keyword)
+    elem = ds.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return default
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        vr = elem.VR or dictionary_vr  # implicit VR files: the dictionary's VR, as pydicom
+        if vr == "DS":
+            # as pydicom: decoded as ISO 8859-1, trailing spaces/NULs removed, split on "\"
+            items = elem.value.decode(default_encoding).rstrip(" \x00").split("\\")
+            try:
+                values = [float(item) for item in items]
+            except ValueError:
+                return ds.get(keyword, default)
+            return values[0] if len(values) == 1 else values
+        if vr == "CS" and b"\\" not in elem.value:
+            return elem.value.decode(default_encoding).rstrip(" \x00")
+        if vr == "US" and len(elem.value) == 2:
+            return int.from_bytes(elem.value, "little" if elem.is_little_endian else "big")
+    return ds.get(keyword, default)
+
+
+def _attr(ds: pydicom.Dataset, keyword: str) -> Any:
+    """`ds.<keyword>` through `_get`: a missing element raises pydicom's AttributeError."""
+    value = _get(ds, keyword, _MISSING)
+    return getattr(ds, keyword) if value is _MISSING else value
+
+
 def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or isinstance(value, (str, bytes)):
         return None
     try:
@@ -193,7 +246,7 @@ def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
 
 def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
     try:
-        value = float(ds.get(keyword))
+        value = float(_get(ds, keyword))
     except (TypeError, ValueError):
         return None
     return value if np.isfinite(value) else None
@@ -461,7 +514,7 @@ def volume_geometry(
     notes: dict[str, Any] = {"spacing_source": "PixelSpacing"}
     notes["orientation_source"] = "ImageOrientationPatient"
     origin = positions_a[order[0]]
-    shape = (int(datasets[0].Rows), int(datasets[0].Columns))
+    shape = (int(_attr(datasets[0], "Rows")), int(_attr(datasets[0], "Columns")))
     plan = Resampling(along_mm=along - along[0])
     if len(datasets) == 1:
         ds = datasets[0]
@@ -557,8 +610,8 @@ def stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
 
 def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
     try:
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        slope = float(_get(ds, "RescaleSlope", 1) or 1)
+        intercept = float(_get(ds, "RescaleIntercept", 0) or 0)
     except (TypeError, ValueError) as exc:
         raise ConversionError("RescaleSlope or RescaleIntercept is not a number") from exc
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
@@ -570,17 +623,21 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
     """Checks that need no pixel decoding; returns the common PhotometricInterpretation."""
     photometrics = set()
     sizes = set()
+    problems: dict[str, str] = {}  # per transfer syntax: the slices of a unit share one
     for ds in datasets:
         photometric = _grayscale_photometric(ds)
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # load_slices splits multi-frame files
             raise ConversionError("multi-frame dataset passed whole, not split into frames")
         if "PixelData" not in ds:
             raise ConversionError("no pixel data")
-        problem = syntax_problem(transfer_syntax(ds))
+        syntax = transfer_syntax(ds)
+        if syntax not in problems:
+            problems[syntax] = syntax_problem(syntax)
+        problem = problems[syntax]
         if problem:
             raise ConversionError(problem)
         photometrics.add(photometric)
-        sizes.add((int(ds.Rows), int(ds.Columns)))
+        sizes.add((int(_attr(ds, "Rows")), int(_attr(ds, "Columns"))))
     if len(sizes) > 1:
         shown = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
         raise ConversionError(f"image sizes (rows x columns) differ between slices: {shown}")
@@ -591,8 +648,8 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
 
 def _grayscale_photometric(ds: pydicom.Dataset) -> str:
     """PhotometricInterpretation of a grayscale image; ConversionError for colour."""
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(_get(ds, "PhotometricInterpretation", "")).strip().upper()
+    samples = int(_get(ds, "SamplesPerPixel", 1) or 1)
     if photometric not in _GRAYSCALE or samples != 1:
         raise ConversionError(
             f"colour image (PhotometricInterpretation {photometric or 'missing'}) "
@@ -605,9 +662,9 @@ def _native_dtype(ds: pydicom.Dataset, syntax: str) -> np.dtype | None:
     """The array type of uncompressed single-sample pixel data of 8, 16 or 32 bits
     allocated, as pydicom decodes it; None for anything else."""
     try:
-        bits = int(ds.BitsAllocated)
-        signed = int(ds.PixelRepresentation) == 1
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(_attr(ds, "BitsAllocated"))
+        signed = int(_attr(ds, "PixelRepresentation")) == 1
+        samples = int(_get(ds, "SamplesPerPixel", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         return None
     if samples != 1 or bits not in (8, 16, 32):
@@ -626,7 +683,8 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
     dtype = _native_dtype(ds, syntax) if syntax in _NATIVE_SYNTAXES else None
     if dtype is None or element is None:
         return None
-    size = int(ds.Rows) * int(ds.Columns) * dtype.itemsize
+    rows, cols = int(_attr(ds, "Rows")), int(_attr(ds, "Columns"))
+    size = rows * cols * dtype.itemsize
     value = element.value
     length = len(value) if isinstance(value, bytes) else getattr(element, "length", 0)
     if not 0 < size <= length < 0xFFFFFFFF:
@@ -643,10 +701,10 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
     if len(data) < size:
         return None
     pixels = np.frombuffer(data, dtype, count=size // dtype.itemsize)
-    pixels = pixels.reshape(int(ds.Rows), -1).astype(dtype.newbyteorder("="))
+    pixels = pixels.reshape(rows, -1).astype(dtype.newbyteorder("="))
     # Bits above BitsStored are undefined (old overlays live there) and a signed value's
     # sign bit is bit BitsStored - 1: mask or sign-extend, as pydicom's decoder does.
-    unused = dtype.itemsize * 8 - int(ds.get("BitsStored") or dtype.itemsize * 8)
+    unused = dtype.itemsize * 8 - int(_get(ds, "BitsStored") or dtype.itemsize * 8)
     if 0 < unused < dtype.itemsize * 8:
         if dtype.kind == "i":
             pixels = (pixels << unused) >> unused  # arithmetic shift keeps the sign
@@ -680,7 +738,9 @@ def _lut_range(ds: pydicom.Dataset) -> tuple[float, float]:
     return float(values.min()), float(values.max())
 
 
-def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[str, Any]]:
+def build_volume(
+    datasets: Sequence[pydicom.Dataset], photometric: str | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Rescaled (and MONOCHROME1-inverted) pixel values of slices in the given order.
 
     Input: datasets (pixel data may be deferred), already in slice order; each slice is
@@ -688,9 +748,11 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
     (slices, rows, columns) in DICOM display order, in rescaled units (HU for CT):
     float32 unless every slope, intercept and LUT value is an integer; then int16 if every
     value fits, else int32 (the slices before the first that needs it are widened once);
-    and notes for the sidecar.
+    and notes for the sidecar. `photometric`: what `_check_pixels(datasets)` returned
+    when the caller already ran it (None: it runs here).
     """
-    photometric = _check_pixels(datasets)
+    if photometric is None:
+        photometric = _check_pixels(datasets)
     luts = ["ModalityLUTSequence" in ds for ds in datasets]
     rescales = [(1.0, 0.0) if lut else _rescale(ds) for ds, lut in zip(datasets, luts, strict=True)]
     ranges = []
@@ -698,7 +760,8 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
         if lut:
             ranges.append(_lut_range(ds))
             continue
-        lo, hi = stored_range(int(ds.BitsStored), int(ds.PixelRepresentation) == 1)
+        bits, signed = int(_attr(ds, "BitsStored")), int(_attr(ds, "PixelRepresentation")) == 1
+        lo, hi = stored_range(bits, signed)
         ends = (slope * lo + intercept, slope * hi + intercept)
         ranges.append((min(ends), max(ends)))
     lo_possible = min(r[0] for r in ranges)
@@ -710,7 +773,7 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
     integral = integral and -(2**31) <= lo_possible and hi_possible < 2**31
     work_dtype = np.int64 if integral else np.float64
     inverted = photometric == "MONOCHROME1"
-    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    rows, cols = int(_attr(datasets[0], "Rows")), int(_attr(datasets[0], "Columns"))
     int16 = np.iinfo(np.int16)
     # decoded one slice at a time into the final type: int16 until a slice needs int32
     volume = np.empty((len(datasets), rows, cols), np.int16 if integral else np.float32)
@@ -718,6 +781,20 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict[
         pixels = slice_pixels(ds)
         if pixels.shape != (rows, cols):
             raise ConversionError(f"pixel data shape {pixels.shape} does not match Rows/Columns")
+        small_int = pixels.dtype.kind in "iu" and pixels.itemsize <= 2
+        if integral and not luts[k] and not inverted and slope == 1 and small_int:
+            # The common CT case (8/16-bit values, slope 1, integer intercept), with fewer
+            # passes over the slice than the general path below (the per-slice work
+            # counts for series of many small slices): value + intercept computed in
+            # int32 is exact (|value| < 2^16, every result is within the int32 range
+            # checked above), and its extremes are those of the stored values.
+            offset = int(intercept)
+            values = np.add(pixels, np.int32(offset), dtype=np.int32)
+            if volume.dtype == np.int16 and pixels.size:
+                if int(pixels.min()) + offset < int16.min or int(pixels.max()) + offset > int16.max:
+                    volume = volume.astype(np.int32)  # once, when a slice first needs it
+            volume[k] = values
+            continue
         if luts[k]:
             values = np.asarray(apply_modality_lut(pixels, ds)).astype(work_dtype)
         else:
@@ -792,7 +869,7 @@ def convert_unit(
             projection = modality in C.PROJECTION_MODALITIES
             if projection and len(datasets) != 1:
                 raise ConversionError(f"projection unit with {len(datasets)} slices (expected 1)")
-            _check_pixels(datasets)
+            photometric = _check_pixels(datasets)
             geometry = (
                 projection_geometry(datasets[0])
                 if projection
@@ -801,7 +878,7 @@ def convert_unit(
                 )
             )
             ordered = [datasets[i] for i in geometry.order]
-            volume, notes = build_volume(ordered)
+            volume, notes = build_volume(ordered, photometric)
             if geometry.resampling is not None:
                 volume = resample(volume, geometry.resampling)
         shape = (volume.shape[2], volume.shape[1], volume.shape[0])
