@@ -9,8 +9,9 @@ Z_FINISH, so the concatenation is one valid deflate stream; the gzip header and 
 CRC-32/size trailer wrap it into one gzip member that gzip, zcat, zlib and nibabel read.
 
 The deflate library is zlib-ng (package `zlib-ng`, a dependency: about 2.5x faster than
-zlib at level 6 on CT data, and compressing as well), else Python's zlib. The output depends only on the data, the level, the chunk size and that
-library: the same for 1 or 16 threads, identical on every run. The library releases the
+zlib at level 6 on CT data, and compressing as well), else Python's zlib. The output
+depends only on the data, the level, the chunk size and that library: the same for 1 or
+16 threads, identical on every run. The library releases the
 GIL while it compresses, so the threads run on separate cores. Compared with one deflate
 stream at the same level the file is a few bytes per chunk larger (sync-flush markers).
 """

@@ -37,11 +37,10 @@ ALL_RULES = {
 pytestmark = pytest.mark.workflow
 
 
-def snakemake(
-    workdir: Path, *args: str, configs=(), targets=(), check=True
-) -> subprocess.CompletedProcess:
+def snakemake_cmd(workdir: Path, *args: str, configs=(), targets=()) -> list[str]:
+    """The command line of a tiny-study run in `workdir` (extra config files last)."""
     configfiles = [str(REPO / "config" / "config.yaml"), str(TINY), *map(str, configs)]
-    cmd = [
+    return [
         *SNAKEMAKE,
         *targets,  # first: options such as --resources would take them as values
         "-s",
@@ -56,6 +55,12 @@ def snakemake(
         "gpu=1",
         *args,
     ]
+
+
+def snakemake(
+    workdir: Path, *args: str, configs=(), targets=(), check=True
+) -> subprocess.CompletedProcess:
+    cmd = snakemake_cmd(workdir, *args, configs=configs, targets=targets)
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     if check and done.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
@@ -333,20 +338,7 @@ def test_killed_run_resumes_without_redoing_finished_stages(study, tmp_path):
 
     workdir = tmp_path / "killed"
     workdir.mkdir()
-    cmd = [
-        *SNAKEMAKE,
-        "-s",
-        str(REPO / "Snakefile"),
-        "-d",
-        str(workdir),
-        "--configfile",
-        str(REPO / "config" / "config.yaml"),
-        str(TINY),
-        "--cores",
-        "2",
-        "--resources",
-        "gpu=1",
-    ]
+    cmd = snakemake_cmd(workdir)
     log = (tmp_path / "first_run.log").open("w")
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=log, start_new_session=True)
     train_dir = workdir / "results" / "train"
