@@ -29,6 +29,9 @@ PATH = "path"  # file path relative to the DICOM root: PRIVATE tables only (may 
 #: Frames of a multi-frame file that belong to a unit: 0-based indices separated by spaces,
 #: in file order; empty for a single-frame file or every frame (private shard tables only).
 FRAMES = "frames"
+#: Private shard tables: the keys that split a unit out of its series ("echo=2/part=P",
+#: "" if none), so that convert picks dcm2niix's matching image ("_e2_ph").
+UNIT_KEYS = "unit_keys"
 #: Values of the convert.uneven_spacing and convert.gantry_tilt settings (default first).
 UNEVEN_SPACING_CHOICES = ("resample", "reject")
 GANTRY_TILT_CHOICES = ("correct", "reject")

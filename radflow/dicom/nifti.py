@@ -4,7 +4,9 @@ them back in DICOM display order."""
 from __future__ import annotations
 
 import filecmp
+import itertools
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import nibabel as nib
@@ -63,11 +65,27 @@ def write_nifti(
     data = np.ascontiguousarray(volume)
     if data.dtype.byteorder == ">":
         data = data.astype(data.dtype.newbyteorder("<"))
-    header = nifti_header_bytes(data, affine)
+    return write_nifti_stream(path, nifti_header_bytes(data, affine), [data],
+                              compression_level, threads)  # fmt: skip
+
+
+def write_nifti_stream(
+    path: str | os.PathLike,
+    header: bytes,
+    pieces: Iterable[bytes | memoryview | np.ndarray],
+    compression_level: int = 6,
+    threads: int = 1,
+) -> Path:
+    """Gzip `header` and then `pieces` (the voxel bytes, any chunking) into `path`:
+    one gzip member whose bytes do not depend on `threads` or the chunking, written to a
+    temporary name in the same folder and renamed (an identical file is left untouched)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            write_gzip(fh, [header, data], level=compression_level, threads=threads)
+            write_gzip(fh, itertools.chain([header], pieces), level=compression_level,
+                       threads=threads)  # fmt: skip
             fh.flush()
             os.fsync(fh.fileno())
         if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
@@ -80,25 +98,28 @@ def write_nifti(
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Pixel values and spacing of a converted unit, in the order DICOM stores them.
+    """Pixel values and spacing of a converted 2D or 3D unit.
 
-    Input: a .nii.gz written by `convert_unit` (voxel i = DICOM column, j = row, k = slice).
-    Output: (array, spacing_mm). A single-slice image (every 2D unit) gives a float32
-    array of shape (rows, columns), with ``array[0, 0]`` the top-left pixel of the DICOM
-    image, and spacing (between rows, between columns) in mm. A stack gives
-    (slices, rows, columns) and spacing (between slices, between rows, between columns),
-    slices in convert's order (ascending along the slice normal). Values are in rescaled
-    units (e.g. HU), MONOCHROME1 already inverted. This is the exact inverse of convert's
-    layout; it does not reorient other NIfTI files.
+    A single-slice image (every 2D unit, radflow's layout: voxel i = DICOM column, j =
+    row) gives a float32 array (rows, columns) with ``array[0, 0]`` the top-left pixel of
+    the DICOM image, and spacing (between rows, between columns) in mm. A 3D image (from
+    either route, whatever its storage order) is first reoriented to the closest RAS+
+    axes, so every unit of a study is in one orientation, and gives (k, j, i) =
+    (inferior->superior, posterior->anterior, left->right) for an axial scan, spacing in
+    the same order. Values are in rescaled units (e.g. HU; scl_slope/inter applied). A 4D
+    image raises ValueError: stages that need 3D skip it by the manifest's ndim first.
     """
     image = nib.load(os.fspath(path))
+    if len(image.shape) > 3 and any(n > 1 for n in image.shape[3:]):
+        raise ValueError(f"{image.shape[3]}-volume 4D image: a 3D image is needed")
+    if len(image.shape) == 2 or image.shape[2] == 1:
+        data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(image.shape[:2])
+        # pixdim is float32 on disk: round away the float32 noise (0.2 -> 0.20000000298)
+        sx, sy = (round(float(z), 6) for z in image.header.get_zooms()[:2])
+        return np.ascontiguousarray(data.T), (sy, sx)
+    if len(image.shape) > 3:
+        image = image.slicer[..., 0]
+    image = nib.as_closest_canonical(image)
     data = np.asarray(image.get_fdata(dtype=np.float32))
-    if data.ndim == 2:
-        data = data[:, :, None]
-    if data.ndim != 3:
-        raise ValueError(f"expected a 3D NIfTI image from radflow convert, got {data.ndim}D")
-    # pixdim is float32 on disk: round away the float32 noise (0.2 -> 0.20000000298)
     sx, sy, sz = (round(float(z), 6) for z in image.header.get_zooms()[:3])
-    if data.shape[2] == 1:
-        return np.ascontiguousarray(data[:, :, 0].T), (sy, sx)
     return np.ascontiguousarray(data.transpose(2, 1, 0)), (sz, sy, sx)
