@@ -197,6 +197,16 @@ def _preprocess_one(args: tuple[str, str, str, PreprocessSettings]) -> Preproces
     return preprocess_image(image, spacing, modality, settings, series_pid)
 
 
+def _dimension_reason(ndim: str, shape: str, wanted_ndim: int) -> str:
+    """Why a converted unit of another dimensionality is left out of the study."""
+    if str(ndim) == "4":
+        volumes = str(shape).split("\\")[-1]
+        return (f"4D image ({volumes} volumes: time series, diffusion or multi-phase) in a "
+                f"{wanted_ndim}D study: the task needs one {wanted_ndim}D image per unit")  # fmt: skip
+    return (f"{ndim}D image in a {wanted_ndim}D study (preprocess.target_shape_px has "
+            f"{wanted_ndim} sizes)")  # fmt: skip
+
+
 def preprocess_shard(
     nifti_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -226,11 +236,8 @@ def preprocess_shard(
     skipped = pd.DataFrame(
         {
             C.SERIES_PID: wrong[C.SERIES_PID],
-            C.REASON: [
-                f"{n}D image in a {wanted_ndim}D study (preprocess.target_shape_px has "
-                f"{wanted_ndim} sizes)"
-                for n in wrong["ndim"]
-            ],
+            C.REASON: [_dimension_reason(n, shape, wanted_ndim)
+                       for n, shape in zip(wrong["ndim"], wrong["shape"], strict=True)],
         },
         columns=[C.SERIES_PID, C.REASON],
     )

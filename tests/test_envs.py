@@ -214,7 +214,8 @@ def missing_from_env(modules: set[str], packages: dict[str, str]) -> set[str]:
 
 
 def _lower_bound(constraint: str) -> tuple[int, ...] | None:
-    m = re.search(r">=\s*([0-9][0-9.]*)", constraint)
+    """The version a constraint starts at: ">=1.2" or an exact pin "==1.2" -> (1, 2)."""
+    m = re.search(r"(?:>=|==)\s*([0-9][0-9.]*)", constraint)
     return tuple(int(p) for p in m[1].strip(".").split(".")) if m else None
 
 

@@ -175,15 +175,20 @@ def _convert_dcm2niix(
                                  gantry_tilt=gantry_tilt)  # fmt: skip
         except EngineError as exc:
             raise ConversionError(str(exc)) from exc
-        image = nib.load(chosen.nii)
-        header = image.header
+        # the header as on disk: a loaded image's header has scl_slope/inter and vox_offset
+        # reset by nibabel (they move to the data proxy)
+        with open(chosen.nii, "rb") as fh:
+            header = nib.Nifti1Header.from_fileobj(fh)
         shape = tuple(int(n) for n in header.get_data_shape())
         dtype = header.get_data_dtype()
         nbytes = int(np.prod(shape)) * dtype.itemsize
+        offset = int(header["vox_offset"])
+        if offset < VOX_OFFSET or offset + nbytes != chosen.nii.stat().st_size:
+            raise ConversionError("dcm2niix's NIfTI does not hold exactly the voxels its header describes")
         write_nifti_stream(
             out / f"{series_pid}{C.NIFTI_SUFFIX}",
             _clean_header(header),
-            _stream(chosen.nii, int(header["vox_offset"]), nbytes),
+            _stream(chosen.nii, offset, nbytes),
             compression_level,
             threads,
         )
