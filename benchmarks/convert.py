@@ -1,27 +1,52 @@
-"""DICOM -> NIfTI conversion: radflow against dcm2niix on the same series, in one run.
+"""DICOM -> NIfTI conversion: radflow's convert stage against dcm2niix alone, in one run.
 
     python benchmarks/convert.py [--workdir DIR] [--repeats 3] [--threads 1 N]
+                                 [--sets large batch real] [--level 6]
                                  [--rows 512 --cols 512 --slices 300]
                                  [--batch 50 --batch-rows 256 --batch-cols 256 --batch-slices 40]
+                                 [--real ../shared/data/real_dicom]
 
-Generates (deterministically, with pydicom) one CT-like series of --slices slices of
---rows x --cols int16 (air -1024 HU, a noisy body ellipse with lungs and bone, outside
-the scan field the padding value) and a batch of --batch smaller series, then converts
-each data set with
-  - radflow: `convert_shard` on a shard table of the data set, in a fresh Python process
-    (so that its peak memory is its own), with threads=T;
-  - dcm2niix -z y (gzip level 6, like radflow's default) with the compressor it picks:
-    without pigz on PATH its internal one (single-threaded), and, when pigz is installed,
-    with pigz limited to T threads (a wrapper on PATH passes -p T).
-Prints wall time (median of --repeats runs), peak memory (peak resident set size, summed
-and RSS, summed over the process tree, sampled every 10 ms)
-and the ratios radflow / dcm2niix and peak memory / size of the largest volume. Checks
-that every output holds the same voxels as dcm2niix's (after reorienting both to RAS).
+Data sets (each skipped with a note when empty or absent):
+  - large: one CT-like series of --slices slices of --rows x --cols int16, generated
+    deterministically with pydicom (air, a noisy body ellipse with lungs and bone, the
+    padding value outside the scan field), one file per slice in shuffled order;
+  - batch: --batch smaller series like it (--batch 0 skips it);
+  - real: the scanner corpus at --real (default ../shared/data/real_dicom beside the
+    repository; read in place, never copied): GE, Philips, Siemens mosaic/XA30 MR with
+    4D series (fMRI, diffusion, ASL), multi-echo, and several transfer syntaxes.
+For each data set the script first runs radflow's index stage as the workflow does
+(`build_index` with a labels table keyed by SeriesInstanceUID, every series labelled,
+`shards: auto`, then `IndexResult.write`), in a fresh process whose time and memory are
+printed but are not part of the comparison. Then, --repeats times and interleaved (so that
+background load hits every tool alike), it converts the whole data set with
+  - radflow: one fresh Python process that calls `convert_shard` on every shard table in
+    turn, with threads=T (T from --threads) and gzip level --level; its process tree
+    includes the dcm2niix that convert_shard runs per unit and any worker processes;
+  - dcm2niix -z y -<level> -f %s_%j over the whole tree (one process), with the
+    compressor it picks: pigz limited to T threads (a wrapper on PATH passes -p T) when
+    pigz is installed, and always its internal compressor (single-threaded; pigz hidden
+    from PATH). The output says which ran.
+Measured per tool: wall time from start to exit (median of the repeats) and peak memory:
+the peak, sampled every 10 ms, of the PSS and of the RSS summed over the process tree
+(PSS counts pages shared between processes once, RSS once per process). Also measured:
+an idle Python that only imports radflow.dicom.convert (the interpreter baseline, ~80-100
+MiB, which dominates radflow's peak on small series).
+Printed ratios radflow / dcm2niix (targets: <= 1.2 for wall time and for peak memory):
+wall time; peak PSS and RSS; and the same peaks with the idle interpreter's subtracted
+from radflow's ("-idle"), i.e. the memory the conversion itself adds. Correctness: every
+unit radflow converts must hold the same values at the same RAS-oriented voxels (4D
+included) as one of dcm2niix's outputs, matched by shape and voxels; a unit that equals
+one volume of a dcm2niix 4D output instead (the Philips isotropic trace, which dcm2niix
+over the whole series appends to its "_ADC" file and radflow makes a unit of its own) is
+listed as such; units that radflow converts with its own reader (manifest route
+"radflow", where dcm2niix is known to be wrong) are listed but may differ. Exits 1 when a
+dcm2niix-route unit matches nothing or a synthetic unit fails or differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import shutil
@@ -31,12 +56,23 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
+import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from radflow import conventions as C
+from radflow.dicom.index import list_files
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_REAL = REPO.parent / "shared" / "data" / "real_dicom"
+KEY = b"radflow-benchmark-key-0123456789"  # pseudonymisation key of the benchmark's index
+LABEL_KEY = "SeriesInstanceUID"
 
 PADDING_HU = -2048  # value outside the reconstruction circle, as many scanners write
 
@@ -100,13 +136,53 @@ def write_batch(root: Path, n: int, rows: int, cols: int, slices: int) -> None:
         write_series(root / f"b{b:03d}", rows, cols, slices, seed=1000 + b)
 
 
-def shard_table(root: Path, path: Path) -> None:
-    """The private shard table radflow's convert stage reads: one unit per folder."""
-    lines = ["series_pid\tmodality\tpath"]
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        lines += [f"ser-{folder.name}\tCT\t{f.relative_to(root).as_posix()}"
-                  for f in sorted(folder.iterdir())]  # fmt: skip
-    path.write_text("\n".join(lines) + "\n")
+# ------------------------------------------------------------------ the index
+def write_labels(root: Path, path: Path) -> int:
+    """A labels table keyed by SeriesInstanceUID with every series of `root` positive;
+    returns the number of series."""
+    uids: set[str] = set()
+    for rel in list_files(root):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(root / rel, stop_before_pixels=True, force=True,
+                                     specific_tags=[LABEL_KEY])  # fmt: skip
+        except Exception:  # not DICOM: the index quarantines it
+            continue
+        uid = str(ds.get(LABEL_KEY, "")).strip()
+        if uid:
+            uids.add(uid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{LABEL_KEY}\tlabel\n" + "".join(f"{u}\t1\n" for u in sorted(uids)))
+    return len(uids)
+
+
+def index_cmd(root: Path, labels: Path, folder: Path, threads: int) -> list[str]:
+    """radflow's index stage as scripts/index.py runs it (shards: auto): the shard tables
+    land in `folder`/private/index/shard-NNN.tsv."""
+    code = (
+        "import sys; from radflow import conventions as C; "
+        "from radflow.dicom.index import build_index, list_files; "
+        "root, labels, folder, threads = sys.argv[1:5]; "
+        "n = C.auto_shard_count(len(list_files(root))); "
+        f"r = build_index(root, labels, label_key={LABEL_KEY!r}, key={KEY!r}, n_shards=n, "
+        "threads=int(threads), progress=False); "
+        "r.write(folder + '/results', folder + '/private'); print(r.summary_text())"
+    )
+    return [sys.executable, "-c", code, str(root), str(labels), str(folder), str(threads)]
+
+
+def radflow_cmd(tsvs: list[Path], root: Path, out: Path, threads: int, level: int) -> list[str]:
+    """One Python process converting every shard table in turn, each into out/<shard>."""
+    code = (
+        "import sys; from pathlib import Path; from radflow.dicom.convert import convert_shard\n"
+        "root, out, threads, level, *tsvs = sys.argv[1:]\n"
+        "for tsv in tsvs:\n"
+        "    convert_shard(tsv, root, Path(out) / Path(tsv).stem, threads=int(threads),\n"
+        "                  compression_level=int(level), progress=False)\n"
+    )
+    return [sys.executable, "-c", code, str(root), str(out), str(threads), str(level),
+            *map(str, tsvs)]  # fmt: skip
 
 
 # ------------------------------------------------------------------ measuring
@@ -131,7 +207,7 @@ def _tree_memory(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+def measure(cmd: list[str], env: dict[str, str] | None = None, check: bool = True) -> dict:
     """Run `cmd`: wall time (s) and the peaks of the summed PSS and RSS of its process
     tree, sampled every 10 ms (wait4's ru_maxrss would include the forking Python)."""
     start = time.perf_counter()
@@ -152,20 +228,10 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     wall = time.perf_counter() - start
     done.set()
     sampler.join()
-    if returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({returncode}):\n{output.decode()[-2000:]}")
-    return {"wall_s": wall, "tree_pss": peak[0], "tree_rss": peak[1],
-            "log": output.decode(errors="replace")}  # fmt: skip
-
-
-def radflow_cmd(tsv: Path, root: Path, out: Path, threads: int, level: int) -> list[str]:
-    code = (
-        "import sys; from radflow.dicom.convert import convert_shard; "
-        f"m = convert_shard({str(tsv)!r}, {str(root)!r}, {str(out)!r}, threads={threads}, "
-        f"compression_level={level}, progress=False); "
-        "sys.exit(int((m['status'] != 'ok').sum()))"
-    )
-    return [sys.executable, "-c", code]
+    log = output.decode(errors="replace")
+    if check and returncode != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({returncode}):\n{log[-2000:]}")
+    return {"wall_s": wall, "pss": peak[0], "rss": peak[1], "log": log, "rc": returncode}
 
 
 def pigz_wrapper(folder: Path, threads: int) -> Path:
@@ -179,7 +245,7 @@ def pigz_wrapper(folder: Path, threads: int) -> Path:
 
 def dcm2niix_env(with_pigz: bool, threads: int, work: Path) -> dict[str, str]:
     """Environment for dcm2niix: pigz limited to `threads` first on PATH, or no pigz
-    reachable at all (then -z i and -z y both use dcm2niix's internal zlib)."""
+    reachable at all (then -z y uses dcm2niix's internal, single-threaded compressor)."""
     env = dict(os.environ)
     if with_pigz:
         env["PATH"] = f"{pigz_wrapper(work / f'pigz-p{threads}', threads)}{os.pathsep}{env['PATH']}"
@@ -190,11 +256,23 @@ def dcm2niix_env(with_pigz: bool, threads: int, work: Path) -> dict[str, str]:
 
 
 def dcm2niix_binary() -> str:
+    """The same binary radflow runs (radflow.dicom.engine.dcm2niix_binary)."""
     candidate = Path(sys.executable).parent / "dcm2niix"
     found = str(candidate) if candidate.exists() else shutil.which("dcm2niix")
     if not found:
         sys.exit("dcm2niix not found: pip install dcm2niix")
     return found
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def fresh(folder: Path) -> Path:
@@ -203,17 +281,122 @@ def fresh(folder: Path) -> Path:
     return folder
 
 
-def same_voxels(ours: Path, reference: Path) -> bool:
-    """Do two NIfTI files hold the same values at the same RAS-oriented voxels?"""
-    a = nib.as_closest_canonical(nib.load(ours))
-    b = nib.as_closest_canonical(nib.load(reference))
-    if a.shape != b.shape:
-        return False
-    return bool(np.array_equal(a.get_fdata(dtype=np.float32), b.get_fdata(dtype=np.float32)))
+# ---------------------------------------------------------------- correctness
+def _digest(data: np.ndarray) -> tuple[tuple[int, ...], str]:
+    return data.shape, hashlib.sha1(np.ascontiguousarray(data).tobytes()).hexdigest()
 
 
+def voxel_keys(path: Path) -> tuple[tuple, list[tuple]]:
+    """(shape, hash of the values) of a NIfTI reoriented to RAS, and the same for each
+    volume of a 4D image (empty for 3D)."""
+    data = nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32)
+    volumes = [_digest(data[..., v]) for v in range(data.shape[3])] if data.ndim == 4 else []
+    return _digest(data), volumes
+
+
+def compare(radflow_out: Path, dcm2niix_out: Path) -> dict:
+    """Match every unit radflow converted to a dcm2niix output by shape and voxels: the
+    whole image, or else one volume of a 4D output (dcm2niix over a whole series writes
+    e.g. a Philips isotropic trace as the last volume of its "_ADC" file, which radflow
+    makes a unit of its own)."""
+    images: dict[tuple, list[str]] = {}
+    volumes: dict[tuple, str] = {}
+    for nii in sorted(dcm2niix_out.rglob("*.nii.gz")):
+        whole, parts = voxel_keys(nii)
+        images.setdefault(whole, []).append(nii.name)
+        for v, key in enumerate(parts):
+            volumes.setdefault(key, f"volume {v} of a {whole[0]} output")
+    manifests = [pd.read_csv(m, sep="\t", dtype=str, keep_default_na=False)
+                 for m in sorted(radflow_out.glob(f"*/{C.MANIFEST}"))]  # fmt: skip
+    manifest = pd.concat(manifests, ignore_index=True) if manifests else pd.DataFrame()
+    used: set[tuple] = set()
+    result = {"units": len(manifest), "failed": [], "matched": 0, "as_volume": [],
+              "unmatched": [], "dcm2niix_outputs": sum(map(len, images.values()))}  # fmt: skip
+    for row in manifest.itertuples(index=False):
+        if row.status != C.STATUS_OK:
+            result["failed"].append((row.series_pid, row.reason))
+            continue
+        key, _ = voxel_keys(next(radflow_out.glob(f"*/{row.series_pid}{C.NIFTI_SUFFIX}")))
+        if key in images:
+            result["matched"] += 1
+            used.add(key)
+        elif key in volumes:
+            result["as_volume"].append((row.series_pid, row.route, key[0], volumes[key]))
+        else:
+            result["unmatched"].append((row.series_pid, row.route, key[0]))
+    result["dcm2niix_unused"] = sum(len(v) for k, v in images.items() if k not in used)
+    return result
+
+
+# -------------------------------------------------------------------- printing
 def _mib(n: float) -> str:
     return f"{n / 2**20:.0f}"
+
+
+def report(name: str, runs: dict[str, list[dict]], idle: dict, repeats: int) -> None:
+    med = {k: {m: statistics.median(x[m] for x in r) for m in ("wall_s", "pss", "rss", "bytes")}
+           for k, r in runs.items()}  # fmt: skip
+    width = max(len(k) for k in [*med, "idle baseline"]) + 2
+    print(f"{'[' + name + '] tool':{width}s} {'wall s':>8s} {'peak PSS MiB':>13s} "
+          f"{'peak RSS MiB':>13s} {'out MiB':>8s}")  # fmt: skip
+    for label, m in med.items():
+        print(f"{label:{width}s} {m['wall_s']:8.2f} {_mib(m['pss']):>13s} {_mib(m['rss']):>13s} "
+              f"{m['bytes'] / 2**20:8.1f}")  # fmt: skip
+    print(f"{'idle baseline':{width}s} {idle['wall_s']:8.2f} {_mib(idle['pss']):>13s} "
+          f"{_mib(idle['rss']):>13s}   (python -c 'import radflow.dicom.convert', no work)")  # fmt: skip
+    print(f"(wall and peaks: median of {repeats}; all walls: " + "; ".join(
+        f"{k}: " + "/".join(f"{x['wall_s']:.2f}" for x in r) for k, r in runs.items()) + ")")  # fmt: skip
+    print(f"ratios radflow / dcm2niix, target <= 1.20 each; '-idle': radflow's peak minus the "
+          f"idle baseline's ({_mib(idle['pss'])} MiB PSS, {_mib(idle['rss'])} MiB RSS)")  # fmt: skip
+    head = f"{'':{2 * width + 3}s} {'wall':>6s} {'PSS':>6s} {'RSS':>6s} {'PSS-idle':>9s} {'RSS-idle':>9s}"
+    print(head)
+    for ours in (k for k in med if k.startswith("radflow")):
+        t = ours.split("threads=")[1]
+        for ref in (k for k in med if k.startswith("dcm2niix")):
+            if "pigz" in ref and not ref.endswith(f"pigz -p {t}"):
+                continue  # radflow with T threads against pigz with T threads
+            a, b = med[ours], med[ref]
+            print(f"{ours:{width}s} / {ref:{width}s} {a['wall_s'] / b['wall_s']:6.2f} "
+                  f"{a['pss'] / b['pss']:6.2f} {a['rss'] / b['rss']:6.2f} "
+                  f"{(a['pss'] - idle['pss']) / b['pss']:9.2f} "
+                  f"{(a['rss'] - idle['rss']) / b['rss']:9.2f}")  # fmt: skip
+
+
+# ------------------------------------------------------------------------ main
+def prepare(name: str, args: argparse.Namespace, work: Path) -> Path | None:
+    """The DICOM root of a data set (generated if synthetic), or None to skip it."""
+    if name == "real":
+        root = args.real.resolve()
+        if not root.is_dir():
+            print(f"\n[real] skipped: no corpus at {root} (--real PATH)")
+            return None
+        files = [root / rel for rel in list_files(root)]
+        mib = sum(f.stat().st_size for f in files) / 2**20
+        print(f"\n[real] {root}: {len(files)} files, {mib:.0f} MiB (read in place)")
+        return root
+    if name == "large":
+        rows, cols, slices, count = args.rows, args.cols, args.slices, 1
+    else:
+        rows, cols, slices = args.batch_rows, args.batch_cols, args.batch_slices
+        count = args.batch
+    if count < 1 or rows < 1 or cols < 1 or slices < 1:
+        print(f"\n[{name}] skipped: empty data set ({count} series of {rows}x{cols}x{slices})")
+        return None
+    root = work / name / "dicom"
+    marker = work / name / f"generated-{rows}x{cols}x{slices}x{count}"
+    if not marker.exists():
+        shutil.rmtree(work / name, ignore_errors=True)
+        t0 = time.perf_counter()
+        if count == 1:
+            write_series(root / "s000", rows, cols, slices, seed=1)
+        else:
+            write_batch(root, count, rows, cols, slices)
+        marker.touch()
+        print(f"\n[{name}] generated in {time.perf_counter() - t0:.1f} s")
+    mib = rows * cols * slices * 2 / 2**20
+    print(f"\n[{name}] {count} series of {cols} x {rows} x {slices} int16 "
+          f"({mib:.0f} MiB per volume, {mib * count:.0f} MiB in all)")  # fmt: skip
+    return root
 
 
 def main() -> None:
@@ -221,15 +404,18 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep data and outputs here (reused)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
-    parser.add_argument("--sets", nargs="+", choices=["large", "batch"], default=["large", "batch"])
+    parser.add_argument("--sets", nargs="+", choices=["large", "batch", "real"],
+                        default=["large", "batch", "real"])  # fmt: skip
     parser.add_argument("--level", type=int, default=6, help="gzip level for both tools")
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--cols", type=int, default=512)
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=50, help="0 skips the batch data set")
     parser.add_argument("--batch-rows", type=int, default=256)
     parser.add_argument("--batch-cols", type=int, default=256)
     parser.add_argument("--batch-slices", type=int, default=40)
+    parser.add_argument("--real", type=Path, default=DEFAULT_REAL,
+                        help="scanner DICOM corpus, read in place (default: %(default)s)")  # fmt: skip
     args = parser.parse_args()
 
     tmp = None
@@ -240,95 +426,88 @@ def main() -> None:
         work = args.workdir.resolve()
     dcm2niix = dcm2niix_binary()
     version = subprocess.run([dcm2niix, "--version"], capture_output=True, text=True).stdout
-    has_pigz = shutil.which("pigz") is not None
-    sets = {
-        "large": (args.rows, args.cols, args.slices, 1),
-        "batch": (args.batch_rows, args.batch_cols, args.batch_slices, args.batch),
-    }
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"python {platform.python_version()}; dcm2niix {version.strip().splitlines()[-1]}; "
-          f"pigz {'found: ' + shutil.which('pigz') if has_pigz else 'not installed'}")  # fmt: skip
-    idle = measure([sys.executable, "-c", "import radflow.dicom.convert"])
-    baseline = idle["tree_pss"]
-    print(f"radflow's Python with its imports, no work: {_mib(baseline)} MiB PSS, "
-          f"{idle['wall_s']:.2f} s")  # fmt: skip
+    pigz = shutil.which("pigz")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores (os.cpu_count); "
+          f"python {platform.python_version()}")  # fmt: skip
+    print(f"dcm2niix: {dcm2niix} {version.strip().splitlines()[-1]}")
+    print(f"dcm2niix -z y compressor: {'pigz ' + pigz + ' (-p T), and internal with pigz hidden' if pigz else 'internal (single-threaded): pigz not installed'}")  # fmt: skip
+    idles = [measure([sys.executable, "-c", "import radflow.dicom.convert"])
+             for _ in range(max(1, args.repeats))]  # fmt: skip
+    idle = {m: statistics.median(x[m] for x in idles) for m in ("wall_s", "pss", "rss")}
+    failed = False
     try:
-        for name, (rows, cols, slices, count) in sets.items():
+        for name in ("large", "batch", "real"):
             if name not in args.sets:
                 continue
-            root = work / name / "dicom"
-            marker = work / name / f"generated-{rows}x{cols}x{slices}x{count}"
-            if not marker.exists():
-                shutil.rmtree(work / name, ignore_errors=True)
-                t0 = time.perf_counter()
-                if count == 1:
-                    write_series(root / "s000", rows, cols, slices, seed=1)
-                else:
-                    write_batch(root, count, rows, cols, slices)
-                marker.touch()
-                print(f"[{name}] generated in {time.perf_counter() - t0:.1f} s")
-            tsv = work / name / "shard.tsv"
-            shard_table(root, tsv)
-            volume_bytes = rows * cols * slices * 2
-            print(f"\n[{name}] {count} series of {cols} x {rows} x {slices} int16 "
-                  f"({_mib(volume_bytes)} MiB per volume, {_mib(volume_bytes * count)} MiB in all)")  # fmt: skip
-            runs: dict[str, list[dict]] = {}
-            configs = [("dcm2niix -z i (internal zlib)", "internal", 1)]
+            root = prepare(name, args, work)
+            if root is None:
+                continue
+            n_series = write_labels(root, work / name / "labels.tsv")
+            folder = fresh(work / name / "index")
+            ix = measure(index_cmd(root, work / name / "labels.tsv", folder, max(args.threads)))
+            tsvs = sorted((folder / "private" / C.SHARD_INDEX_DIR).glob("*.tsv"))
+            print(f"radflow index (build_index, {n_series} series labelled, threads="
+                  f"{max(args.threads)}; not compared): {ix['wall_s']:.2f} s, peak PSS "
+                  f"{_mib(ix['pss'])} MiB, RSS {_mib(ix['rss'])} MiB, {len(tsvs)} shard tables")  # fmt: skip
+            print("  " + ix["log"].strip().replace("\n", "\n  "))
+
+            configs = []  # (label, tool, threads)
             for t in args.threads:
-                configs.append((f"radflow threads={t}", "radflow", t))
-                if has_pigz:
-                    configs.append((f"dcm2niix -z y, pigz -p {t}", "pigz", t))
+                configs.append((f"radflow convert threads={t}", "radflow", t))
+            configs.append(("dcm2niix -z y internal zlib", "internal", 1))
+            if pigz:
+                configs += [(f"dcm2niix -z y pigz -p {t}", "pigz", t) for t in args.threads]
+            runs: dict[str, list[dict]] = {}
             for _ in range(args.repeats):  # interleaved, so that load hits every tool alike
                 for label, tool, t in configs:
-                    out = fresh(work / name / "out" / label.split()[0] / f"{tool}-{t}")
+                    out = fresh(work / name / "out" / f"{tool}-{t}")
                     if tool == "radflow":
-                        result = measure(radflow_cmd(tsv, root, out, t, args.level))
+                        result = measure(radflow_cmd(tsvs, root, out, t, args.level))
                     else:
-                        cmd = [dcm2niix, "-z", "i" if tool == "internal" else "y",
-                               f"-{args.level}", "-f", "%d", "-o", str(out), str(root)]  # fmt: skip
-                        result = measure(cmd, dcm2niix_env(tool == "pigz", t, work))
-                    if tool == "pigz" and "pigz" not in result["log"].lower():
-                        print(f"  warning: dcm2niix did not report using pigz:\n{result['log']}")
-                    result["bytes"] = sum(f.stat().st_size for f in out.glob("*.nii.gz"))
+                        cmd = [dcm2niix, "-z", "y", f"-{args.level}", "-f", "%s_%j",
+                               "-o", str(out), str(root)]  # fmt: skip
+                        result = measure(cmd, dcm2niix_env(tool == "pigz", t, work), check=False)
+                        if not any(out.glob("*.nii.gz")):
+                            raise RuntimeError(f"dcm2niix wrote nothing:\n{result['log'][-2000:]}")
+                        if tool == "pigz" and "pigz" not in result["log"].lower():
+                            print("  warning: dcm2niix did not report using pigz")
+                    result["bytes"] = sum(f.stat().st_size for f in out.rglob("*.nii.gz"))
                     result["out"] = out
                     runs.setdefault(label, []).append(result)
-            # outputs agree: every radflow output against the internal dcm2niix output
-            reference = runs["dcm2niix -z i (internal zlib)"][-1]["out"]
-            agree = all(
-                same_voxels(r[-1]["out"] / f"ser-{p.name}.nii.gz", reference / f"{p.name}.nii.gz")
-                for label, r in runs.items() if label.startswith("radflow")
-                for p in sorted(q for q in root.iterdir() if q.is_dir())
-            )  # fmt: skip
-            med = {k: {m: statistics.median(x[m] for x in r) for m in ("wall_s", "tree_pss",
-                                                                       "tree_rss", "bytes")}
-                   for k, r in runs.items()}  # fmt: skip
-            print(
-                f"{'':34s} {'wall s':>8s} {'peak PSS MiB':>13s} {'peak RSS MiB':>12s} "
-                f"{'PSS/volume':>11s} {'out MiB':>8s}"
-            )
-            for label, m in med.items():
-                print(f"{label:34s} {m['wall_s']:8.2f} {_mib(m['tree_pss']):>13s} "
-                      f"{_mib(m['tree_rss']):>12s} {m['tree_pss'] / volume_bytes:11.2f} "
-                      f"{m['bytes'] / 2**20:8.1f}")  # fmt: skip
-            print(f"(median of {args.repeats}; all walls: " + "; ".join(
-                f"{k}: " + "/".join(f"{x['wall_s']:.1f}" for x in r)
-                for k, r in runs.items()) + ")")  # fmt: skip
-            for t in args.threads:
-                ours = med[f"radflow threads={t}"]
-                # dcm2niix converts on one core whatever -p; pigz may use t cores
-                refs = [k for k in med if "internal" in k or k.endswith(f"pigz -p {t}")]
-                for ref in refs:
-                    print(f"ratio radflow threads={t} / {ref}: wall {ours['wall_s'] / med[ref]['wall_s']:.2f}, "
-                          f"peak PSS {ours['tree_pss'] / med[ref]['tree_pss']:.2f}")  # fmt: skip
-                extra = (ours["tree_pss"] - baseline) / volume_bytes
-                print(f"radflow threads={t}: peak PSS / volume {ours['tree_pss'] / volume_bytes:.2f}"
-                      f" ({extra:.2f} without the interpreter baseline)")  # fmt: skip
-            print(f"outputs hold the same voxels as dcm2niix's: {'yes' if agree else 'NO'}")
-            if not agree:
-                sys.exit(1)
+            rc = {r[-1]["rc"] for k, r in runs.items() if k.startswith("dcm2niix")}
+            if rc != {0}:
+                print(f"(dcm2niix exit status {sorted(rc)}: it skipped files it cannot convert)")
+            report(name, runs, idle, args.repeats)
+
+            reference = runs["dcm2niix -z y internal zlib"][-1]["out"]
+            for label, r in runs.items():
+                if not label.startswith("radflow"):
+                    continue
+                c = compare(r[-1]["out"], reference)
+                ok = c["units"] - len(c["failed"])
+                print(f"{label}: {c['units']} units, {ok} converted, {len(c['failed'])} failed; "
+                      f"{c['matched']} of {ok} hold the same RAS voxels as a whole dcm2niix "
+                      f"output, {len(c['as_volume'])} as one volume of one "
+                      f"({c['dcm2niix_outputs']} dcm2niix outputs, {c['dcm2niix_unused']} "
+                      "not matched whole by any radflow unit)")  # fmt: skip
+                for pid, route, shape, where in c["as_volume"]:
+                    print(f"  {pid} (route {route}, shape {shape}) = {where}")
+                for pid, reason in c["failed"]:
+                    print(f"  failed {pid}: {reason}")
+                for pid, route, shape in c["unmatched"]:
+                    why = "radflow's reader, may differ" if route == "radflow" else "WRONG"
+                    print(
+                        f"  no dcm2niix output matches {pid} (route {route}, shape {shape}): {why}"
+                    )
+                if any(route != "radflow" for _, route, _ in c["unmatched"]):
+                    failed = True
+                if name != "real" and (c["failed"] or c["matched"] != c["units"]):
+                    failed = True
     finally:
         if tmp is not None:
             tmp.cleanup()
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

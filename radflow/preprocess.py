@@ -236,8 +236,10 @@ def preprocess_shard(
     skipped = pd.DataFrame(
         {
             C.SERIES_PID: wrong[C.SERIES_PID],
-            C.REASON: [_dimension_reason(n, shape, wanted_ndim)
-                       for n, shape in zip(wrong["ndim"], wrong["shape"], strict=True)],
+            C.REASON: [
+                _dimension_reason(n, shape, wanted_ndim)
+                for n, shape in zip(wrong["ndim"], wrong["shape"], strict=True)
+            ],
         },
         columns=[C.SERIES_PID, C.REASON],
     )

@@ -1,5 +1,7 @@
-"""DICOM input: index a raw export (`index`), convert image units to NIfTI (`convert`) and
-read converted images back in DICOM display order (`nifti`)."""
+"""DICOM input: read headers (`headers`), group files into image units (`units`), index a
+raw export (`index`), convert units to NIfTI with dcm2niix as the engine (`engine`,
+`convert`) or radflow's own reader where dcm2niix is wrong (`reader`), and write/read
+NIfTI (`nifti`)."""
 
 from __future__ import annotations
 

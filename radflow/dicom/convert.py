@@ -52,7 +52,7 @@ from radflow.dicom.engine import (
     pick_output,
     run_dcm2niix,
 )
-from radflow.dicom.index import read_shard_files, write_bytes_atomic, write_tsv
+from radflow.dicom.index import read_shard_files
 from radflow.dicom.nifti import VOX_OFFSET, write_nifti, write_nifti_stream
 from radflow.dicom.reader import (
     ConversionError,
@@ -63,6 +63,7 @@ from radflow.dicom.reader import (
 )
 from radflow.dicom.syntax import transfer_syntax
 from radflow.dicom.units import dcm2niix_tokens
+from radflow.tables import write_bytes_atomic, write_tsv
 
 ROUTE_DCM2NIIX = "dcm2niix"
 ROUTE_RADFLOW = "radflow"
@@ -184,7 +185,9 @@ def _convert_dcm2niix(
         nbytes = int(np.prod(shape)) * dtype.itemsize
         offset = int(header["vox_offset"])
         if offset < VOX_OFFSET or offset + nbytes != chosen.nii.stat().st_size:
-            raise ConversionError("dcm2niix's NIfTI does not hold exactly the voxels its header describes")
+            raise ConversionError(
+                "dcm2niix's NIfTI does not hold exactly the voxels its header describes"
+            )
         write_nifti_stream(
             out / f"{series_pid}{C.NIFTI_SUFFIX}",
             _clean_header(header),
@@ -211,8 +214,12 @@ def _convert_dcm2niix(
         "shape": shape,
         "spacing": zooms[:3],
         "dtype": str(dtype),
-        "notes": {"dcm2niix_version": dcm2niix_version(), "dcm2niix": extras,
-                  "dcm2niix_suffix": "_".join(chosen.tokens), **chosen.notes},  # fmt: skip
+        "notes": {
+            "dcm2niix_version": dcm2niix_version(),
+            "dcm2niix": extras,
+            "dcm2niix_suffix": "_".join(chosen.tokens),
+            **chosen.notes,
+        },  # fmt: skip
     }
 
 

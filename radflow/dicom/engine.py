@@ -183,4 +183,3 @@ def engine_temp_dir() -> tempfile.TemporaryDirectory:
     """A private temporary folder for one dcm2niix run (under $TMPDIR: node-local on
     clusters), removed on exit."""
     return tempfile.TemporaryDirectory(prefix="radflow-dcm2niix-")
-

@@ -533,4 +533,3 @@ def scan_files(
     finally:
         bar.close()
     return [rec for part in results for rec in part]
-

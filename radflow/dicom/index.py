@@ -43,6 +43,7 @@ from radflow.dicom.headers import (  # noqa: F401  (re-exported: the index's pub
     tree_fingerprint,
 )
 from radflow.dicom.units import REASON_LOCALIZER, REASON_OFF_STACK, group_units
+from radflow.tables import read_table, write_bytes_atomic, write_tsv  # noqa: F401
 
 #: Reasons that end in file-specific details "(...)"; the summary counts them by prefix.
 _DETAILED_REASONS = (
@@ -77,32 +78,6 @@ _ANNOTATION_COLUMNS = [C.SERIES_PID, C.ROW_PX, C.COL_PX, C.DIAMETER_MM]
 
 
 # ------------------------------------------------------------------- tables in
-def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """A CSV/TSV table with every cell as a stripped string ("" when empty).
-
-    The separator is the one among tab, comma and semicolon that occurs most in the header
-    line (ties: tab for .tsv/.tab/.txt, comma otherwise), so Excel's semicolon CSVs work.
-    Strings, never numbers: accession numbers keep their leading zeros.
-    """
-    path = Path(path)
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        header = fh.readline()
-    default = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
-    counts = {sep: header.count(sep) for sep in ("\t", ",", ";")}
-    best = max(counts.values())
-    sep = default if best == 0 or counts[default] == best else max(counts, key=counts.get)
-    table = pd.read_csv(
-        path,
-        sep=sep,
-        dtype=str,
-        keep_default_na=False,
-        na_filter=False,
-        encoding="utf-8-sig",
-    )
-    table.columns = [str(c).strip() for c in table.columns]
-    return table.apply(lambda col: col.str.strip()) if len(table) else table
-
-
 def _require_columns(table: pd.DataFrame, path: str | os.PathLike, columns: Iterable[str]) -> None:
     for column in columns:
         if column not in table.columns:
@@ -279,34 +254,6 @@ class IndexResult:
                 f"match no kept 2D unit, {a['outside_image']} outside the image)"
             )
         return "\n".join(lines)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` via a temporary file in the same folder and os.replace, so a
-    killed job never leaves a partial file; an identical existing file is left untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if path.read_bytes() == data:
-            return path
-    except (FileNotFoundError, IsADirectoryError):
-        pass
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def tsv_bytes(table: pd.DataFrame) -> bytes:
-    """Deterministic TSV encoding (LF line ends, UTF-8; undecodable file-name bytes kept)."""
-    text = table.to_csv(sep="\t", index=False, lineterminator="\n")
-    return text.encode("utf-8", "surrogateescape")
-
-
-def write_tsv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    return write_bytes_atomic(Path(path), tsv_bytes(table))
 
 
 def read_shard_files(path: str | os.PathLike) -> pd.DataFrame:

@@ -1,5 +1,5 @@
 """Write the NIfTI-1 images of `radflow.dicom.convert` (streamed, parallel gzip) and read
-them back in DICOM display order."""
+them back (2D in DICOM display order, 3D in closest-canonical RAS order)."""
 
 from __future__ import annotations
 

@@ -205,7 +205,6 @@ def projection_geometry(ds: pydicom.Dataset) -> Geometry:
     return Geometry(affine, (float(spacing[1]), float(spacing[0]), 1.0), [0], notes)
 
 
-
 def load_slices(paths: Sequence[str]) -> list[pydicom.Dataset]:
     """Read a unit's files (absolute paths), pixel data deferred (read slice by slice by
     `slice_pixels`) except in deflated files, whose offsets point into the inflated stream.
@@ -514,5 +513,3 @@ def build_volume(
     if inverted:
         notes["monochrome1_inversion"] = f"value -> {lo_possible:g} + {hi_possible:g} - value"
     return volume, notes
-
-

@@ -1,0 +1,67 @@
+"""Tables and files between stages: one reader for user tables, one atomic writer.
+
+Every file a stage writes goes through a temporary name in the same folder and
+`os.replace`, so a killed job never leaves a partial file; an unchanged file keeps its
+bytes and modification time (Snakemake's checksum then sees no change).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """A CSV/TSV table with every cell as a stripped string ("" when empty).
+
+    The separator is the one among tab, comma and semicolon that occurs most in the header
+    line (ties: tab for .tsv/.tab/.txt, comma otherwise), so Excel's semicolon CSVs work.
+    Strings, never numbers: accession numbers keep their leading zeros.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        header = fh.readline()
+    default = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
+    counts = {sep: header.count(sep) for sep in ("\t", ",", ";")}
+    best = max(counts.values())
+    sep = default if best == 0 or counts[default] == best else max(counts, key=counts.get)
+    table = pd.read_csv(
+        path,
+        sep=sep,
+        dtype=str,
+        keep_default_na=False,
+        na_filter=False,
+        encoding="utf-8-sig",
+    )
+    table.columns = [str(c).strip() for c in table.columns]
+    return table.apply(lambda col: col.str.strip()) if len(table) else table
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` via a temporary file in the same folder and os.replace, so a
+    killed job never leaves a partial file; an identical existing file is left untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.read_bytes() == data:
+            return path
+    except (FileNotFoundError, IsADirectoryError):
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def tsv_bytes(table: pd.DataFrame) -> bytes:
+    """Deterministic TSV encoding (LF line ends, UTF-8; undecodable file-name bytes kept)."""
+    text = table.to_csv(sep="\t", index=False, lineterminator="\n")
+    return text.encode("utf-8", "surrogateescape")
+
+
+def write_tsv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    return write_bytes_atomic(Path(path), tsv_bytes(table))
