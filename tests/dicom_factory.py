@@ -718,3 +718,46 @@ def build_export(root: str | Path) -> dict:
         ("ZQXNOMATCH", "1"),
     ]
     return info
+
+
+def write_volumes(
+    folder: str | Path,
+    volumes: Sequence[dict],
+    *,
+    n_slices: int = 3,
+    offset_step: int = 300,
+    rng_seed: int = 0,
+    **kwargs,
+) -> list[list[Path]]:
+    """Several volumes of one series at the same slice positions (time points, b-values,
+    echoes, repeats...): volume v is `write_volume(folder, n_slices=n_slices, **kwargs)`
+    with `volumes[v]` as its `extra` header values, `value_offset` v * `offset_step` (so a
+    test can tell the volumes apart and check their order) and InstanceNumbers running on
+    across volumes, as scanners write them. Pass the same `series_uid`/`study_uid` in
+    kwargs. Returns the file paths of each volume."""
+    out = []
+    for v, extra in enumerate(volumes):
+        out.append(
+            write_volume(
+                folder,
+                n_slices=n_slices,
+                value_offset=v * offset_step,
+                instance_numbers=[v * n_slices + k + 1 for k in range(n_slices)],
+                rng=random.Random(rng_seed + v),
+                extra=dict(extra),
+                **kwargs,
+            )  # fmt: skip
+        )
+    return out
+
+
+def dicom_corner_ras(path: str | Path) -> tuple[np.ndarray, float]:
+    """(RAS world position in mm, rescaled value) of the first stored pixel (row 0,
+    column 0) of a single-frame DICOM file: ImagePositionPatient with x and y negated, and
+    the stored value times RescaleSlope plus RescaleIntercept."""
+    ds = pydicom.dcmread(path)
+    lps = np.array([float(v) for v in ds.ImagePositionPatient])
+    value = float(ds.pixel_array[0, 0]) * float(ds.get("RescaleSlope", 1) or 1) + float(
+        ds.get("RescaleIntercept", 0) or 0
+    )
+    return lps * np.array([-1.0, -1.0, 1.0]), value

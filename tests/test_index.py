@@ -144,8 +144,9 @@ def test_quarantine_reasons(export, index):
 def test_shard_tables(export, index):
     assert sorted(index.shard_files) == list(range(N_SHARDS))
     allrows = pd.concat(index.shard_files.values())
-    assert list(allrows.columns) == [C.SERIES_PID, C.MODALITY, C.PATH, C.FRAMES]
+    assert list(allrows.columns) == [C.SERIES_PID, C.MODALITY, C.PATH, C.FRAMES, C.UNIT_KEYS]
     assert set(allrows[C.FRAMES]) == {""}  # no multi-frame file in this export
+    assert set(allrows[C.UNIT_KEYS]) == {""}  # no series of this export is split
     for k, table in index.shard_files.items():
         assert all(C.shard_of(pid, N_SHARDS) == k for pid in table[C.SERIES_PID])
         assert list(table.itertuples(index=False)) == sorted(table.itertuples(index=False))

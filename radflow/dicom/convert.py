@@ -43,7 +43,7 @@ from pydicom.encaps import generate_fragments
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGLossless
 
 from radflow import conventions as C
-from radflow.deid import quiet_pydicom, sidecar_fields
+from radflow.deid import SIDECAR_WHITELIST, quiet_pydicom, sidecar_fields
 from radflow.dicom import radflow_version
 from radflow.dicom.engine import (
     EngineError,
@@ -118,6 +118,8 @@ def choose_route(modality: str, ds: pydicom.Dataset) -> tuple[str, str]:
     if "ModalityLUTSequence" in ds:
         return ROUTE_RADFLOW, "Modality LUT: dcm2niix ignores it"
     if syntax == JPEGLossless and bits == 16:
+        if "PixelData" not in ds and getattr(ds, "filename", None):
+            ds = pydicom.dcmread(ds.filename, force=True)
         predictor = _jpeg_lossless_predictor(ds)
         if predictor not in (None, 1):
             return ROUTE_RADFLOW, (
@@ -327,9 +329,17 @@ def convert_unit(
     return row
 
 
+#: What routing and the sidecar read of a unit's first file (enhanced files hold thousands
+#: of functional-group elements that neither needs).
+_HEADER_TAGS = (*SIDECAR_WHITELIST, "BitsAllocated", "PixelRepresentation",
+                "PhotometricInterpretation", "ModalityLUTSequence", "ImageType")  # fmt: skip
+
+
 def load_headers(paths: Sequence[str]) -> list[pydicom.Dataset]:
-    """The first file's header with pixel data deferred (routing may peek at it)."""
-    return [pydicom.dcmread(paths[0], force=True, defer_size=1024)]
+    """The first file's header: the elements routing and the sidecar read (`_HEADER_TAGS`);
+    `choose_route` reads the pixel data itself only for 16-bit lossless JPEG."""
+    return [pydicom.dcmread(paths[0], force=True, stop_before_pixels=True,
+                            specific_tags=list(_HEADER_TAGS))]  # fmt: skip
 
 
 def plan_workers(n_units: int, threads: int) -> tuple[int, int]:

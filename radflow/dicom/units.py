@@ -65,14 +65,19 @@ def dcm2niix_tokens(keys: str) -> set[str]:
             tokens.add(f"e{value}")
         elif name == "part" and _PART_TOKENS.get(value):
             tokens.add(_PART_TOKENS[value])
-        elif name == "trace":
+        elif name == "echo_rank":  # echoes told apart by echo time only: dcm2niix counts them
+            tokens.add(f"e{value}")
+        elif name == "trace" and value == "isotropic":
             tokens.add("ADC")
     return tokens
 
 
-def _normal(orientation: Sequence[float]) -> np.ndarray:
-    n = np.cross(orientation[:3], orientation[3:])
-    return n / (np.linalg.norm(n) or 1.0)
+def _as_number(text: str) -> tuple[float, str]:
+    try:
+        return float(text), text
+    except ValueError:
+        return float("inf"), text
+
 
 
 def group_projection(series_uid: str, files: Sequence[FileRecord]) -> list[ImageUnit]:
@@ -147,10 +152,18 @@ def _group_slices(
     for rec, sk in keep:
         found = values(rec, sk)
         stacks[tuple(found.get(n, "") for n in used)].append((rec, sk))
+    # echoes with an echo time but no echo number (enhanced files): dcm2niix numbers them
+    # in order of echo time ("_e1", "_e2"); the rank goes into the keys, not the unit id
+    te_rank: dict[str, int] = {}
+    if "te" in used and "echo" not in used:
+        te_values = sorted({v[used.index("te")] for v in stacks}, key=_as_number)
+        te_rank = {te: rank for rank, te in enumerate(te_values, start=1)}
     units = []
     for key_values, members in sorted(stacks.items()):
         keys = "/".join(f"{n}={v}" for n, v in zip(used, key_values, strict=True))
         unit_id = f"{series_uid}/{keys}" if keys else series_uid
+        if te_rank:
+            keys += f"/echo_rank={te_rank[key_values[used.index('te')]]}"
         by_file: dict[str, list[int | None]] = defaultdict(list)
         records: dict[str, FileRecord] = {}
         for rec, sk in members:
