@@ -79,7 +79,6 @@ def _as_number(text: str) -> tuple[float, str]:
         return float("inf"), text
 
 
-
 def group_projection(series_uid: str, files: Sequence[FileRecord]) -> list[ImageUnit]:
     """One unit per instance of a projection series (the uid alone for one image)."""
     if len(files) == 1:
