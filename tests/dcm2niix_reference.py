@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import shutil
 import subprocess
 import sys
@@ -53,3 +55,39 @@ def assert_same_grid(ours: nib.Nifti1Image, ref: nib.Nifti1Image) -> None:
 def _corners(shape) -> np.ndarray:
     return np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
                      for k in (0, shape[2] - 1)], float).T  # fmt: skip
+
+
+#: The NIfTI-1 header fields radflow replaces in dcm2niix's output (free text that may
+#: carry PHI: dcm2niix writes the acquisition time into descrip).
+REPLACED_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
+
+
+def raw_nifti(path: str | Path) -> tuple[nib.Nifti1Header, bytes]:
+    """The header of a .nii or .nii.gz file as stored (nibabel's loaded image resets
+    vox_offset, scl_slope and scl_inter) and the voxel bytes after vox_offset."""
+    data = Path(path).read_bytes()
+    if str(path).endswith(".gz"):
+        data = gzip.decompress(data)
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(data))
+    return header, data[int(header["vox_offset"]) :]
+
+
+def assert_engine_output(ours_path: str | Path, ref_path: str | Path) -> None:
+    """radflow's NIfTI is dcm2niix's bit for bit: the same stored header (data type, shape,
+    pixdim, scl_slope/scl_inter, qform and sform, units...) except the REPLACED_FIELDS, which
+    are "radflow <version>" and empty, at vox_offset 352 without extensions, and the same
+    voxel bytes."""
+    from radflow.dicom import radflow_version
+
+    ours, ours_voxels = raw_nifti(ours_path)
+    ref, ref_voxels = raw_nifti(ref_path)
+    assert ours["descrip"].item() == f"radflow {radflow_version()}".encode()
+    for name in REPLACED_FIELDS[1:]:
+        assert ours[name].item() == b"", name
+    assert int(ours["vox_offset"]) == 352
+    assert ours_voxels == ref_voxels
+    ours, ref = ours.copy(), ref.copy()
+    for header in (ours, ref):
+        for name in REPLACED_FIELDS:
+            header[name] = b""
+    assert ours.binaryblock == ref.binaryblock

@@ -1,8 +1,10 @@
-"""radflow.dicom.convert and radflow.dicom.nifti: geometry (against dcm2niix), intensities,
-failures, determinism and privacy of the NIfTI + sidecar outputs."""
+"""radflow.dicom.convert and radflow.dicom.nifti: routes (dcm2niix's output kept bit for
+bit, radflow's own reader for projection radiographs and what dcm2niix gets wrong),
+geometry, intensities, failures, determinism and privacy of the NIfTI + sidecar outputs."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -15,28 +17,48 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from radflow import conventions as C
+from radflow.dicom import radflow_version
 from radflow.dicom.convert import (
+    ENGINE_SIDECAR_FIELDS,
     MANIFEST_COLUMNS,
-    ConversionError,
     convert_shard,
     convert_unit,
-    volume_geometry,
 )
 from radflow.dicom.index import build_index, list_files
 from radflow.dicom.nifti import read_image
+from radflow.dicom.reader import ConversionError, load_slices, stack_geometry
 
-from dcm2niix_reference import assert_same_grid, run_dcm2niix, run_dcm2niix_all
+from dcm2niix_reference import (
+    assert_engine_output,
+    assert_same_grid,
+    raw_nifti,
+    run_dcm2niix,
+    run_dcm2niix_all,
+)
 from dicom_factory import (
     assert_phi_free,
     asymmetric_pattern,
     build_export,
+    new_uid,
     truncate,
     write_labels,
     write_projection,
     write_volume,
+    write_volumes,
 )
 
 KEY = b"radflow-test-key-0123456789abcdef"
+ACQUISITION_TIME = "134409.25"  # dcm2niix writes it into the NIfTI descrip
+
+#: The route of each unit of the fixture (`choose_route`); a colour image is refused
+#: whatever its route.
+ROUTES = {
+    "dx_m2": "radflow", "dx_iop": "radflow", "cr_m1": "radflow", "ct_lut": "radflow",
+    "corrupt": "radflow", "ct_axial": "dcm2niix",
+    "ct_oblique": "dcm2niix", "mr_sagittal": "dcm2niix", "ct_scrambled": "dcm2niix",
+    "ct_uneven": "dcm2niix", "mr_coronal": "dcm2niix", "ct_tilt": "dcm2niix",
+}  # fmt: skip
+DCM2NIIX_UNITS = sorted(k for k, v in ROUTES.items() if v == "dcm2niix")
 
 
 def _rotation(deg_x: float, deg_z: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -74,7 +96,8 @@ def units(tmp_path_factory):
     add("cr_m1", "CR", write_projection(at("cr_m1"), **ids, modality="CR",
                                         photometric="MONOCHROME1", slope=2, intercept=-100))  # fmt: skip
     add("ct_axial", "CT", write_volume(at("ct_axial"), **ids, n_slices=6, rows=12, cols=10,
-                                       pixel_spacing=(0.8, 0.6), slice_gap=2.5))  # fmt: skip
+                                       pixel_spacing=(0.8, 0.6), slice_gap=2.5,
+                                       extra={"AcquisitionTime": ACQUISITION_TIME}))  # fmt: skip
     r, c = _rotation(20, 15)
     add("ct_oblique", "CT", write_volume(
         [at("ob1"), at("ob2") / "deep"], **ids, n_slices=5, rows=9, cols=11,
@@ -152,6 +175,9 @@ def test_manifest(units):
     assert "Zqx" not in reason["ser-corrupt"] and str(units["root"]) not in reason["ser-corrupt"]
     for pid in failed:
         assert not (units["out"] / f"{pid}{C.NIFTI_SUFFIX}").exists()
+    route = dict(zip(m[C.SERIES_PID], m["route"], strict=True))
+    del route["ser-colour"]
+    assert route == {f"ser-{name}": r for name, r in ROUTES.items()}
     row = m.set_index(C.SERIES_PID).loc["ser-ct_axial"]
     assert (row["ndim"], row["shape"], row["spacing_mm"], row["dtype"]) == (
         3, "10\\12\\6", "0.6\\0.8\\2.5", "int16",
@@ -162,10 +188,11 @@ def test_manifest(units):
     assert list(on_disk.columns) == MANIFEST_COLUMNS and len(on_disk) == len(m)
 
 
-def test_header_fields(units):
-    img = nii(units, "ct_oblique")
+@pytest.mark.parametrize("name", ["ct_oblique", "dx_iop"])
+def test_header_fields(units, name):
+    img = nii(units, name)
     h = img.header
-    assert h["descrip"].item().startswith(b"radflow ")
+    assert h["descrip"].item() == f"radflow {radflow_version()}".encode()
     assert h["intent_name"].item() == b"" and h["aux_file"].item() == b""
     assert h["db_name"].item() == b""
     assert int(h["qform_code"]) == 1 and int(h["sform_code"]) == 1
@@ -173,29 +200,53 @@ def test_header_fields(units):
     np.testing.assert_allclose(h.get_qform(), h.get_sform(), atol=1e-4)
 
 
+@pytest.mark.parametrize("name", DCM2NIIX_UNITS)
+def test_dcm2niix_route_keeps_engine_output(units, name, tmp_path):
+    """A dcm2niix-route unit is dcm2niix's image bit for bit (voxel bytes, data type,
+    scl_slope/scl_inter, qform/sform and every other header field) except the free-text
+    fields radflow replaces, where dcm2niix writes the acquisition time. The tilted and
+    unevenly spaced units are dcm2niix's corrected versions ("_Tilt_1", "_Eq_1")."""
+    produced = run_dcm2niix_all(units["files"][name], tmp_path)
+    variant = {"ct_tilt": "_Tilt_1", "ct_uneven": "_Eq_1"}.get(name)
+    chosen = [img for n, img in produced.items() if variant is None or variant in n]
+    assert len(chosen) == 1, sorted(produced)
+    ref_path = chosen[0].get_filename()
+    assert_engine_output(units["out"] / f"ser-{name}{C.NIFTI_SUFFIX}", ref_path)
+    ref_header, _ = raw_nifti(ref_path)
+    assert b"Time=" in ref_header["descrip"].item()  # replaced by "radflow <version>"
+    if name == "ct_axial":
+        assert ACQUISITION_TIME[:6].encode() in ref_header["descrip"].item()
+
+
 # ------------------------------------------------------------------- geometry
-@pytest.mark.parametrize("name", ["ct_axial", "ct_oblique", "mr_sagittal", "ct_scrambled"])
+@pytest.mark.parametrize(
+    "name", ["ct_axial", "ct_oblique", "mr_sagittal", "mr_coronal", "ct_scrambled", "dx_iop"]
+)
 def test_geometry_from_dicom_definition(units, name):
-    """Each file's pixels sit at slice k with voxel (i, j, k) at the RAS position that the
-    DICOM definition gives: IPP + i * col spacing * row cosine + j * row spacing * col cosine."""
+    """Every stored pixel (row r, column c) of every file lands on a voxel centre of the
+    NIfTI, at the RAS position the DICOM definition gives (IPP + c * column spacing * row
+    cosine + r * row spacing * column cosine, x and y negated), holding its rescaled value;
+    every voxel is some file's pixel. Independent of how either route orders the axes."""
     img = nii(units, name)
     data = img.get_fdata()
-    found = set()
+    inverse = np.linalg.inv(img.affine)
+    hits = np.zeros(data.shape[:3], int)
     for path in units["files"][name]:
         ds = pydicom.dcmread(path)
         pixels = rescaled(path)
-        matches = [k for k in range(data.shape[2]) if np.allclose(data[:, :, k].T, pixels)]
-        assert len(matches) == 1
-        k = matches[0]
-        found.add(k)
         iop = np.array(ds.ImageOrientationPatient, float)
         ipp = np.array(ds.ImagePositionPatient, float)
         drow, dcol = (float(v) for v in ds.PixelSpacing)
-        for i, j in [(0, 0), (data.shape[0] - 1, 0), (0, data.shape[1] - 1), (3, 2)]:
-            lps = ipp + i * dcol * iop[:3] + j * drow * iop[3:]
-            expected = lps * [-1, -1, 1]
-            np.testing.assert_allclose(img.affine @ [i, j, k, 1], [*expected, 1], atol=1e-3)
-    assert found == set(range(data.shape[2]))
+        rr, cc = np.mgrid[0 : pixels.shape[0], 0 : pixels.shape[1]]
+        lps = ipp + cc[..., None] * dcol * iop[:3] + rr[..., None] * drow * iop[3:]
+        ras = np.concatenate([lps * [-1, -1, 1], np.ones(rr.shape + (1,))], axis=-1)
+        voxel = ras @ inverse.T
+        index = np.rint(voxel[..., :3]).astype(int)
+        np.testing.assert_allclose(voxel[..., :3], index, atol=1e-3)
+        i, j, k = index[..., 0], index[..., 1], index[..., 2]
+        np.testing.assert_array_equal(data[i, j, k], pixels)
+        np.add.at(hits, (i, j, k), 1)
+    assert (hits == 1).all()
 
 
 def test_slices_sorted_by_position_not_instance_number(units):
@@ -243,90 +294,154 @@ def test_pixel_spacing_preferred_over_imager(units):
 
 
 # ------------------------------------------- uneven spacing, gantry tilt, LUT
-def test_uneven_spacing_resampled_like_dcm2niix_eq(units, tmp_path):
-    """Positions 0, 2.5, 5, 10 mm: resampled at the smallest step (2.5 mm) to 5 slices by
-    linear interpolation along the normal; dcm2niix's "_Eq_1" output is the same grid and,
-    integers rounded to nearest in both, the same values."""
+def _datasets(units, name):
+    return load_slices([str(p) for p in units["files"][name]])
+
+
+def _rels(units, name):
+    return [p.relative_to(units["root"]).as_posix() for p in units["files"][name]]
+
+
+def test_uneven_spacing_resampled_by_dcm2niix_eq(units, tmp_path):
+    """Positions 0, 2.5, 5, 10 mm: dcm2niix's "_Eq_1" version (resampled at the smallest
+    step, 2.5 mm, to 5 slices by linear interpolation along the normal) is the unit, bit for
+    bit (test_dcm2niix_route_keeps_engine_output), and the sidecar says so."""
     volume, spacing = read_image(units["out"] / f"ser-ct_uneven{C.NIFTI_SUFFIX}")
     assert volume.shape == (5, 12, 10) and spacing == (2.5, 0.8, 0.6)
-    # stored 1000 + 100 k + ... at positions 0, 2.5, 5, 10: the slice at 7.5 mm is halfway
-    np.testing.assert_array_equal(volume[:, 5, 5] + 1024, [1040, 1140, 1240, 1290, 1340])
+    # stored 1000 + 100 k + 7 r + c - 1024 at 0, 2.5, 5, 10 mm; read_image's RAS order flips
+    # rows and columns of this LPS-axial stack: [k, 5, 5] is row 6, column 4. The slice at
+    # 7.5 mm is halfway between the last two.
+    np.testing.assert_array_equal(volume[:, 5, 5] + 1024, [1046, 1146, 1246, 1296, 1346])
     meta = sidecar(units, "ct_uneven")
-    assert meta["uneven_spacing"] == {
-        "action": "resampled",
-        "method": "linear interpolation along the slice normal at the smallest step",
-        "step_mm": 2.5, "original_slices": 4, "original_step_min_mm": 2.5,
-        "original_step_median_mm": 2.5, "original_step_max_mm": 5.0,
-    }  # fmt: skip
+    assert meta["uneven_spacing"] == "resampled to equal spacing by dcm2niix (_Eq)"
+    assert meta["dcm2niix_suffix"] == "Eq" and meta["route"] == "dcm2niix"
     produced = run_dcm2niix_all(units["files"]["ct_uneven"], tmp_path)
     eq = [img for name, img in produced.items() if "_Eq_" in name]
     assert len(eq) == 1, sorted(produced)
     assert_same_grid(nii(units, "ct_uneven"), eq[0])
-    np.testing.assert_array_equal(
-        nib.as_closest_canonical(nii(units, "ct_uneven")).get_fdata(),
-        nib.as_closest_canonical(eq[0]).get_fdata(),
-    )
-
-
-def _datasets(units, name):
-    return [pydicom.dcmread(p) for p in units["files"][name]]
+    np.testing.assert_array_equal(nii(units, "ct_uneven").get_fdata(), eq[0].get_fdata())
 
 
 def test_uneven_spacing_rejected_when_configured(units):
-    with pytest.raises(ConversionError, match=r"uneven slice spacing: steps of 2\.5, 5 mm"):
-        volume_geometry(_datasets(units, "ct_uneven"), uneven_spacing="reject")
-    row = convert_unit("ser-x", "CT", [p.relative_to(units["root"]).as_posix()
-                                       for p in units["files"]["ct_uneven"]],
-                       units["root"], units["base"] / "reject", uneven_spacing="reject")  # fmt: skip
-    assert row[C.STATUS] == C.STATUS_FAILED
-    assert "set convert.uneven_spacing: resample" in row[C.REASON]
+    """With convert.uneven_spacing: reject the unit fails with the reason; radflow's own
+    reader never resamples: it refuses the stack."""
+    row = convert_unit("ser-x", "CT", _rels(units, "ct_uneven"), units["root"],
+                       units["base"] / "reject", uneven_spacing="reject")  # fmt: skip
+    assert (row[C.STATUS], row["route"]) == (C.STATUS_FAILED, "dcm2niix")
+    assert row[C.REASON] == (
+        "uneven slice spacing (dcm2niix wrote an equally spaced version); set "
+        "convert.uneven_spacing: resample to use it"
+    )
+    assert not list((units["base"] / "reject").glob("ser-x*"))
+    with pytest.raises(ConversionError, match=r"^uneven slice spacing \(2\.5, 5 mm\), which "):
+        stack_geometry(_datasets(units, "ct_uneven"))
+    # the even series passes both settings untouched
+    row = convert_unit("ser-y", "CT", _rels(units, "ct_axial"), units["root"],
+                       units["base"] / "reject", uneven_spacing="reject", gantry_tilt="reject")  # fmt: skip
+    assert row[C.STATUS] == C.STATUS_OK
+    assert (units["base"] / "reject" / f"ser-y{C.NIFTI_SUFFIX}").read_bytes() == (
+        units["out"] / f"ser-ct_axial{C.NIFTI_SUFFIX}"
+    ).read_bytes()
 
 
-def test_gantry_tilt_corrected_like_dcm2niix_tilt(units, tmp_path):
+def test_gantry_tilt_corrected_by_dcm2niix_tilt(units, tmp_path):
     """A 20 degree tilt (slice k shifted 2.5 k tan 20 mm along the column direction):
-    radflow shifts each slice back onto an orthogonal grid covering all of them, the grid
-    dcm2niix's "_Tilt_1" output has (same shape and affine). Values: radflow puts each
-    stored row at its DICOM position (checked exactly below); dcm2niix v1.0.20260724 places
-    the rows about 0.35 mm (0.43 rows) away from it on this series, so its values differ
-    by up to that fraction of the row gradient (7 per row here): interpolation tolerance."""
+    dcm2niix's "_Tilt_1" version is the unit, bit for bit: an orthogonal grid covering
+    every slice (12 rows + ceil(4 * 1.137 rows of shift)), and the sidecar says so."""
     img = nii(units, "ct_tilt")
     meta = sidecar(units, "ct_tilt")
-    assert meta["gantry_tilt"]["action"] == "corrected"
-    assert meta["gantry_tilt"]["tilt_deg_from_positions"] == pytest.approx(20, abs=1e-3)
-    assert meta["gantry_tilt"]["GantryDetectorTilt"] == -20
-    data = img.get_fdata()
+    assert meta["gantry_tilt"] == "corrected by dcm2niix (_Tilt)"
+    assert meta["dcm2niix_suffix"] == "Tilt" and meta["route"] == "dcm2niix"
+    assert meta["GantryDetectorTilt"] == -20
     shift_px = 2.5 * np.tan(np.deg2rad(20)) / 0.8
-    assert data.shape == (10, 12 + int(np.ceil(4 * shift_px)), 5)
-    # Slice k, stored row r sits at output row r + k * shift_px: check by interpolation
-    # (rows 0 and 11 border the fill value).
-    for k in range(5):
-        for r in range(1, 11):
-            position = r + k * shift_px
-            lower = int(np.floor(position))
-            w = position - lower
-            if lower + 1 < data.shape[1]:
-                value = data[5, lower, k] * (1 - w) + data[5, lower + 1, k] * w
-                expected = 1000 + 100 * k + 7 * r + 5
-                assert abs(value - expected) <= 0.5 + 1e-9  # output rounded to integers
+    assert img.shape == (10, 12 + int(np.ceil(4 * shift_px)), 5)
+    canonical = nib.as_closest_canonical(img).affine[:3, :3]
+    np.testing.assert_allclose(canonical, np.diag([0.6, 0.8, 2.5]), atol=1e-5)  # no shear
     produced = run_dcm2niix_all(units["files"]["ct_tilt"], tmp_path)
     tilt = [image for name, image in produced.items() if "_Tilt_" in name]
     assert len(tilt) == 1, sorted(produced)
     assert_same_grid(img, tilt[0])
-    ours_c, ref_c = nib.as_closest_canonical(img), nib.as_closest_canonical(tilt[0])
-    np.testing.assert_allclose(ours_c.affine, ref_c.affine, atol=1e-4)
-    inside = (ours_c.get_fdata() > 1001) & (ref_c.get_fdata() > 1001)  # both hold data
-    difference = np.abs(ours_c.get_fdata() - ref_c.get_fdata())[inside]
-    assert inside.sum() > 0.6 * inside.size and difference.max() <= 0.45 * 7 + 1
+    np.testing.assert_array_equal(img.affine, tilt[0].affine)
+    np.testing.assert_array_equal(img.get_fdata(), tilt[0].get_fdata())
 
 
-def test_gantry_tilt_rejected_when_configured_and_irregular_shifts_fail(units):
-    with pytest.raises(ConversionError, match="gantry tilt of 20 degrees"):
-        volume_geometry(_datasets(units, "ct_tilt"), gantry_tilt="reject")
+def test_gantry_tilt_rejected_when_configured_and_refused_by_radflow_reader(units):
+    row = convert_unit("ser-x", "CT", _rels(units, "ct_tilt"), units["root"],
+                       units["base"] / "reject_tilt", gantry_tilt="reject")  # fmt: skip
+    assert (row[C.STATUS], row["route"]) == (C.STATUS_FAILED, "dcm2niix")
+    assert row[C.REASON] == (
+        "gantry tilt (dcm2niix wrote a tilt-corrected version); set convert.gantry_tilt: "
+        "correct to use it"
+    )
+    assert not list((units["base"] / "reject_tilt").glob("ser-x*"))
+    tilt_message = r"shifted in-plane along the stack \(gantry tilt\), which radflow's own"
+    with pytest.raises(ConversionError, match=tilt_message):
+        stack_geometry(_datasets(units, "ct_tilt"))
     datasets = _datasets(units, "ct_axial")
     position = [float(v) for v in datasets[2].ImagePositionPatient]
     datasets[2].ImagePositionPatient = [position[0] + 3, *position[1:]]  # one slice moved
-    with pytest.raises(ConversionError, match="shifted in-plane irregularly"):
-        volume_geometry(datasets)
+    with pytest.raises(ConversionError, match=tilt_message):
+        stack_geometry(datasets)
+    assert stack_geometry(_datasets(units, "ct_axial")).spacing == pytest.approx((0.6, 0.8, 2.5))
+
+
+def test_radflow_route_that_needs_dcm2niix_fails_naming_both_limits(tmp_path):
+    """A MONOCHROME1 CT (radflow's route: dcm2niix does not invert it) with uneven slices
+    (which only dcm2niix resamples) fails with a reason naming both limits, and a
+    MONOCHROME1 CT with repeated positions (a 4D series) likewise; the regular MONOCHROME1
+    stack converts inverted."""
+    root = tmp_path / "dicom"
+    ids = dict(patient_id="ZQXPAT2", accession="ZQXACC2")
+    m1 = {"PhotometricInterpretation": "MONOCHROME1"}
+    uneven = write_volume(root / "uneven", **ids, n_slices=4, slice_positions=[0, 2.5, 5, 10],
+                          extra=m1)  # fmt: skip
+    regular = write_volume(root / "regular", **ids, n_slices=3, extra=m1)
+    series, study = new_uid(), new_uid()
+    repeated = [p for v in write_volumes(root / "4d", [m1, m1], series_uid=series,
+                                         study_uid=study, **ids) for p in v]  # fmt: skip
+    rows = {}
+    for name, files in (("uneven", uneven), ("regular", regular), ("4d", repeated)):
+        rels = [p.relative_to(root).as_posix() for p in files]
+        rows[name] = convert_unit(f"ser-{name}", "CT", rels, root, tmp_path / "out")
+        assert rows[name]["route"] == "radflow"
+    why = "; dcm2niix cannot be used: MONOCHROME1: dcm2niix does not invert it"
+    assert rows["uneven"][C.STATUS] == C.STATUS_FAILED
+    assert rows["uneven"][C.REASON] == (
+        "uneven slice spacing (2.5, 5 mm), which radflow's own reader does not resample" + why
+    )
+    assert rows["4d"][C.STATUS] == C.STATUS_FAILED
+    assert rows["4d"][C.REASON].endswith("share a position (a 4D series), which radflow's own "
+                                         "reader does not stack" + why)  # fmt: skip
+    assert rows["regular"][C.STATUS] == C.STATUS_OK
+    volume, _ = read_image(tmp_path / "out" / f"ser-regular{C.NIFTI_SUFFIX}")
+    # 12 bits, rescaled by x - 1024: representable [-1024, 3071]; stored 1000 + 100 k + ...
+    assert volume[0, 0, 0] == (-1024 + 3071) - (1000 + 7 * 11 + 9 - 1024)
+
+
+def test_four_dimensional_unit(tmp_path):
+    """Two time points at the same positions are one unit: dcm2niix's 4D image (x, y, z,
+    volume), ndim 4 in the manifest, volumes in acquisition order; read_image refuses it."""
+    root = tmp_path / "dicom"
+    ids = dict(patient_id="ZQXPAT3", accession="ZQXACC3")
+    volumes = [{"AcquisitionNumber": 1, "TemporalPositionIdentifier": 1},
+               {"AcquisitionNumber": 2, "TemporalPositionIdentifier": 2}]  # fmt: skip
+    files = [p for v in write_volumes(root / "Zqx4d", volumes, series_uid=new_uid(),
+                                      study_uid=new_uid(), modality="MR", **ids) for p in v]  # fmt: skip
+    row = convert_unit("ser-4d", "MR", [p.relative_to(root).as_posix() for p in files], root,
+                       tmp_path / "out")  # fmt: skip
+    assert (row[C.STATUS], row["route"], row["ndim"]) == (C.STATUS_OK, "dcm2niix", 4)
+    assert row["shape"] == "10\\12\\3\\2" and row["spacing_mm"] == "0.6\\0.8\\2.5"
+    meta = json.loads((tmp_path / "out" / f"ser-4d{C.SIDECAR_SUFFIX}").read_text())
+    assert meta["ndim"] == 4 and meta["shape"] == [10, 12, 3, 2]
+    img = nib.load(tmp_path / "out" / f"ser-4d{C.NIFTI_SUFFIX}")
+    data = img.get_fdata()
+    # write_volumes: volume v adds 300 to every stored value
+    np.testing.assert_array_equal(data[..., 1] - data[..., 0], 300)
+    (tmp_path / "ref").mkdir()
+    ref = run_dcm2niix(files, tmp_path / "ref")
+    assert_engine_output(tmp_path / "out" / f"ser-4d{C.NIFTI_SUFFIX}", ref.get_filename())
+    with pytest.raises(ValueError, match="2-volume 4D image"):
+        read_image(tmp_path / "out" / f"ser-4d{C.NIFTI_SUFFIX}")
 
 
 def test_modality_lut_applied(units, tmp_path):
@@ -336,6 +451,8 @@ def test_modality_lut_applied(units, tmp_path):
     img = nii(units, "ct_lut")
     meta = sidecar(units, "ct_lut")
     assert meta["modality_lut_applied"] is True and meta["rescale_applied"] is False
+    assert (meta["route"], meta["route_reason"]) == ("radflow", "Modality LUT: dcm2niix ignores it")
+    assert "dcm2niix_version" not in meta
     ref = run_dcm2niix(units["files"]["ct_lut"], tmp_path)
     assert_same_grid(img, ref)
     ours_c, ref_c = nib.as_closest_canonical(img), nib.as_closest_canonical(ref)
@@ -355,28 +472,43 @@ def test_read_image_round_trip_2d(units):
     assert spacing == (0.15, 0.1)
 
 
-def test_read_image_round_trip_3d(units):
-    image, spacing = read_image(units["out"] / f"ser-ct_axial{C.NIFTI_SUFFIX}")
-    assert image.shape == (6, 12, 10) and spacing == (2.5, 0.8, 0.6)
+@pytest.mark.parametrize("name", ["ct_axial", "ct_lut"])
+def test_read_image_round_trip_3d(units, name):
+    """Either route, read back in RAS order (k inferior->superior, j posterior->anterior,
+    i left->right): this LPS-axial stack (rows run posterior, columns run left) comes back
+    with rows and columns reversed, slices in position order, values rescaled."""
+    image, spacing = read_image(units["out"] / f"ser-{name}{C.NIFTI_SUFFIX}")
+    n = 6 if name == "ct_axial" else 3
+    assert image.shape == (n, 12, 10) and spacing == (2.5, 0.8, 0.6)
     rr, cc = np.mgrid[0:12, 0:10]
-    for k in range(6):
-        expected = 1000 + 100 * k + 7 * rr + cc - 1024.0
-        expected[:2, :3] += 1
-        np.testing.assert_array_equal(image[k], expected)
+    for k in range(n):
+        stored = 1000 + 100 * k + 7 * rr + cc
+        stored[:2, :3] += 1
+        expected = stored - 1024.0 if name == "ct_axial" else 2 * stored + 3.0  # LUT
+        np.testing.assert_array_equal(image[k], expected[::-1, ::-1])
 
 
 def test_rescale_and_dtypes(units):
+    """dcm2niix's route stores the DICOM values with the rescale in scl_slope/scl_inter;
+    radflow's route stores rescaled values (int16/int32 when integral, else float32) with
+    scaling 1, 0."""
     axial = nii(units, "ct_axial")
     assert axial.get_data_dtype() == np.int16 and axial.get_fdata().min() < 0  # HU
+    assert (axial.dataobj.slope, axial.dataobj.inter) == (1.0, -1024.0)
     oblique = nii(units, "ct_oblique")
-    assert oblique.get_data_dtype() == np.float32
+    assert oblique.get_data_dtype() == np.int16
+    assert (oblique.dataobj.slope, oblique.dataobj.inter) == (0.5, -1024.5)
     values = np.sort(np.unique(oblique.get_fdata()))
     assert values[0] == 1001 * 0.5 - 1024.5  # the marked corner of slice 0
-    assert 1003 * 0.5 - 1024.5 in values  # a half-integer survives: float, not rounded
+    assert 1003 * 0.5 - 1024.5 in values  # a half-integer survives the scaling
+    lut = nii(units, "ct_lut")
+    assert (lut.dataobj.slope, lut.dataobj.inter) == (1.0, 0.0)
     wide = nii(units, "dx_iop")
     assert wide.get_data_dtype() == np.int32 and wide.get_fdata().max() == 60000
-    assert sidecar(units, "ct_oblique")["rescale_applied"] is True
+    assert (wide.dataobj.slope, wide.dataobj.inter) == (1.0, 0.0)
+    assert sidecar(units, "cr_m1")["rescale_applied"] is True
     assert sidecar(units, "dx_m2")["rescale_applied"] is False
+    assert "rescale_applied" not in sidecar(units, "ct_oblique")  # dcm2niix: scl_slope/inter
 
 
 def test_monochrome1_inverted(units):
@@ -393,14 +525,59 @@ def test_monochrome1_inverted(units):
     assert nii(units, "cr_m1").get_data_dtype() == np.int16
 
 
+_PHI_KEYS = ("PatientName", "PatientID", "StudyInstanceUID", "InstitutionName", "StudyDate",
+             "ImagePositionPatient", "SeriesDescription", "ProtocolName", "StationName",
+             "DeviceSerialNumber", "AcquisitionTime", "SeriesInstanceUID")  # fmt: skip
+
+
 def test_sidecar_content(units):
     meta = sidecar(units, "ct_axial")
     assert meta["series_pid"] == "ser-ct_axial" and meta["n_files"] == 6
     assert meta["Modality"] == "CT" and meta["ConvolutionKernel"] == "B30f"
-    assert meta["radflow_version"] and meta["spacing_mm"] == [0.6, 0.8, 2.5]
-    for key in ("PatientName", "PatientID", "StudyInstanceUID", "InstitutionName",
-                "StudyDate", "ImagePositionPatient", "SeriesDescription"):  # fmt: skip
-        assert key not in meta
+    assert meta["radflow_version"] == radflow_version()
+    assert meta["spacing_mm"] == [0.6, 0.8, 2.5] and meta["shape"] == [10, 12, 6]
+    assert (meta["ndim"], meta["dtype"]) == (3, "int16")
+    assert meta["route"] == "dcm2niix"
+    assert meta["route_reason"] == "cross-sectional series: dcm2niix is the conversion engine"
+    assert meta["dcm2niix_version"].startswith("v1.0.")
+    assert meta["dcm2niix_suffix"] == ""
+    engine = meta["dcm2niix"]
+    assert set(engine) <= set(ENGINE_SIDECAR_FIELDS)
+    assert engine["ConversionSoftwareVersion"] == meta["dcm2niix_version"]
+    assert engine["SliceThickness"] == 2.5
+    for key in _PHI_KEYS:
+        assert key not in meta and key not in engine
+
+
+def test_sidecar_content_mr_and_radflow_route(units):
+    """dcm2niix's acquisition fields, in its units (seconds), come through its whitelist;
+    its identifying fields (institution, station, serial number, series description and
+    protocol name, which it writes into its own sidecar) do not. A radflow-route sidecar
+    has the reader's notes and no dcm2niix fields."""
+    meta = sidecar(units, "mr_sagittal")
+    engine = meta["dcm2niix"]
+    assert set(engine) <= set(ENGINE_SIDECAR_FIELDS)
+    assert (engine["EchoTime"], engine["RepetitionTime"]) == (0.012, 0.5)
+    assert (engine["FlipAngle"], engine["MagneticFieldStrength"]) == (90, 3)
+    assert engine["ImageOrientationPatientDICOM"] == [0, 1, 0, 0, 0, -1]
+    assert (meta["EchoTime"], meta["RepetitionTime"]) == (12.0, 500.0)  # radflow's: DICOM ms
+    for key in _PHI_KEYS:
+        assert key not in meta and key not in engine
+    meta = sidecar(units, "dx_m2")
+    assert meta["route"] == "radflow" and meta["route_reason"].startswith("projection radiograph")
+    assert not {"dcm2niix", "dcm2niix_version", "dcm2niix_suffix"} & set(meta)
+    assert meta["inverted_monochrome1"] is False
+
+
+@pytest.mark.parametrize("name", ["ct_tilt", "ct_uneven"])
+def test_sidecar_of_corrected_units_keeps_dcm2niix_fields(units, name):
+    """dcm2niix writes one sidecar, named after the uncorrected image, for it and its
+    "_Tilt_1"/"_Eq_1" version: the corrected unit's acquisition fields come from it."""
+    meta = sidecar(units, name)
+    engine = meta["dcm2niix"]
+    assert set(engine) <= set(ENGINE_SIDECAR_FIELDS)
+    assert engine.get("ConversionSoftwareVersion") == meta["dcm2niix_version"]
+    assert engine.get("SliceThickness") == 2.5
 
 
 # ------------------------------------------------------------ determinism, PHI
@@ -414,6 +591,10 @@ def test_deterministic(units, tmp_path):
 
 def test_outputs_hold_no_phi(units):
     assert_phi_free(units["out"], list_files(units["root"]))
+    for path in units["out"].iterdir():  # the acquisition time dcm2niix put in descrip
+        data = path.read_bytes()
+        data = gzip.decompress(data) if path.name.endswith(".gz") else data
+        assert ACQUISITION_TIME[:6].encode() not in data, path.name
 
 
 def test_index_then_convert_end_to_end(tmp_path):
@@ -475,7 +656,7 @@ def test_raw_header_values_read_as_pydicom_reads_them(implicit, little_endian):
     from pydicom.dataelem import RawDataElement
     from pydicom.tag import Tag
 
-    from radflow.dicom.convert import _attr, _get
+    from radflow.dicom.reader import _attr, _get
 
     raw = {
         "ImagePositionPatient": b" -12.5\\3e2\\+0.25 ",

@@ -15,14 +15,9 @@ import pytest
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from radflow.dicom import radflow_version
-from radflow.dicom.convert import (
-    ConversionError,
-    build_volume,
-    load_slices,
-    plan_workers,
-    slice_pixels,
-)
-from radflow.dicom.nifti import write_nifti
+from radflow.dicom.convert import plan_workers
+from radflow.dicom.nifti import nifti_header_bytes, write_nifti, write_nifti_stream
+from radflow.dicom.reader import ConversionError, build_volume, load_slices, slice_pixels
 
 AFFINE = np.array([[-0.6, 0.1, 0, 12.5], [0, -0.8, 0.2, -3], [0, 0, 2.5, 40], [0, 0, 0, 1]])
 
@@ -161,7 +156,7 @@ def test_slice_pixels_equals_pydicom(tmp_path, syntax, bits, signed):
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
     path = tmp_path / "slice.dcm"
     ds.save_as(path, enforce_file_format=True)
-    header = load_slices([("slice.dcm", "")], tmp_path)[0]
+    header = load_slices([str(tmp_path / "slice.dcm")])[0]
     decoded = slice_pixels(header)
     reference = pydicom.dcmread(path).pixel_array
     assert decoded.dtype == reference.dtype.newbyteorder("=")  # pydicom keeps '>' order
@@ -172,7 +167,7 @@ def test_slice_pixels_equals_pydicom(tmp_path, syntax, bits, signed):
         assert header.get_item(0x7FE00010, keep_deferred=True).value is None  # not cached
     path.write_bytes(path.read_bytes()[:-6])  # truncated: pydicom's own complaint
     with pytest.raises(ConversionError, match="could not be decoded"):
-        slice_pixels(load_slices([("slice.dcm", "")], tmp_path)[0])
+        slice_pixels(load_slices([str(tmp_path / "slice.dcm")])[0])
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -188,7 +183,25 @@ def test_slice_pixels_ignores_bits_above_bits_stored(tmp_path, signed):
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
     ds.save_as(tmp_path / "slice.dcm", enforce_file_format=True)
-    decoded = slice_pixels(load_slices([("slice.dcm", "")], tmp_path)[0])
+    decoded = slice_pixels(load_slices([str(tmp_path / "slice.dcm")])[0])
     expected = [[-5, 7], [-2048, 2047]] if signed else [[4091, 7], [2048, 2047]]
     np.testing.assert_array_equal(decoded[:2, :2], expected)
     np.testing.assert_array_equal(decoded, pydicom.dcmread(tmp_path / "slice.dcm").pixel_array)
+
+
+def test_write_nifti_stream_is_independent_of_chunking_and_threads(tmp_path):
+    """The dcm2niix route streams dcm2niix's voxels in 4 MiB reads: the file must not depend
+    on how the bytes are cut, nor on the thread count, and equal write_nifti's file for the
+    same header and voxels."""
+    volume = (np.arange(7 * 300 * 256) % 2011 - 900).astype(np.int16).reshape(7, 300, 256)
+    header = nifti_header_bytes(volume, AFFINE)
+    whole = write_nifti(tmp_path / "whole.nii.gz", volume, AFFINE, 6, threads=1).read_bytes()
+    raw = volume.tobytes()
+    cuts = [0, 1, 4097, 333_333, len(raw) // 2, len(raw) - 3, len(raw)]
+    pieces = [raw[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    for threads in (1, 2):
+        path = write_nifti_stream(tmp_path / f"s{threads}.nii.gz", header, pieces, 6, threads)
+        assert path.read_bytes() == whole
+    memory = write_nifti_stream(tmp_path / "m.nii.gz", header, [memoryview(raw), volume[:0]], 6)
+    assert memory.read_bytes() == whole
+    assert gzip.decompress(whole) == header + raw

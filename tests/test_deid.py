@@ -26,6 +26,24 @@ def test_whitelist_has_no_identifying_vr_or_keyword():
         assert hits <= allowed, (word, hits - allowed)
 
 
+def test_engine_sidecar_fields_have_no_identifying_keyword():
+    """The fields of dcm2niix's own sidecar that radflow keeps: acquisition parameters,
+    none of the names, dates, times of day, UIDs or device ids dcm2niix also writes."""
+    from radflow.dicom.convert import ENGINE_SIDECAR_FIELDS
+
+    assert len(ENGINE_SIDECAR_FIELDS) == len(set(ENGINE_SIDECAR_FIELDS))
+    durations = {"EchoTime", "RepetitionTime", "InversionTime", "SliceTiming",
+                 "TotalReadoutTime", "EstimatedTotalReadoutTime"}  # fmt: skip
+    for word in ("Name", "ID", "Date", "Time", "UID", "Institution", "Station", "Serial",
+                 "Description", "Comment", "Address", "Birth", "Age", "Sex", "Protocol",
+                 "Department", "Physician", "Operator", "Series", "Study"):  # fmt: skip
+        hits = {k for k in ENGINE_SIDECAR_FIELDS if word in k}
+        assert hits <= durations, (word, hits - durations)
+    for field in ("InstitutionName", "StationName", "DeviceSerialNumber", "SeriesDescription",
+                  "ProtocolName", "AcquisitionTime", "AcquisitionDateTime", "PatientName"):  # fmt: skip
+        assert field not in ENGINE_SIDECAR_FIELDS
+
+
 def test_sidecar_fields_types_and_no_phi(tmp_path):
     path = write_projection(
         tmp_path / "dx.dcm",
@@ -78,13 +96,15 @@ def test_pydicom_messages_are_silenced(tmp_path, caplog, recwarn):
     from radflow.dicom.index import read_file_record
 
     path = write_projection(tmp_path / "dx.dcm", patient_id="ZQXP9", accession="ZQXA9")
-    ds = pydicom.dcmread(path)
+    ct = write_volume(tmp_path / "ct", patient_id="ZQXP8", accession="ZQXA8", n_slices=2)
     mode = config.settings.writing_validation_mode
     config.settings.writing_validation_mode = config.IGNORE
     try:
-        ds.add(DataElement(0x00080050, "SH", "ZQX" * 10))  # AccessionNumber, > 16 chars
-        ds.add(DataElement(0x00100010, "PN", "ZQX" * 30))  # PatientName component > 64
-        ds.save_as(path, enforce_file_format=True)
+        for file in [path, *ct]:
+            ds = pydicom.dcmread(file)
+            ds.add(DataElement(0x00080050, "SH", "ZQX" * 10))  # AccessionNumber, > 16 chars
+            ds.add(DataElement(0x00100010, "PN", "ZQX" * 30))  # PatientName component > 64
+            ds.save_as(file, enforce_file_format=True)
     finally:
         config.settings.writing_validation_mode = mode
     caplog.clear()
@@ -93,7 +113,10 @@ def test_pydicom_messages_are_silenced(tmp_path, caplog, recwarn):
     rec = read_file_record(str(tmp_path), "dx.dcm", "PatientName", "AccessionNumber")
     assert rec.reason == "" and rec.label_value == "ZQX" * 10
     row = convert_unit("ser-x", "DX", ["dx.dcm"], tmp_path, tmp_path / "out")
-    assert row["status"] == "ok"
+    assert (row["status"], row["route"]) == ("ok", "radflow")
+    rels = [p.relative_to(tmp_path).as_posix() for p in ct]
+    row = convert_unit("ser-y", "CT", rels, tmp_path, tmp_path / "out")
+    assert (row["status"], row["route"]) == ("ok", "dcm2niix")
     assert not [r for r in caplog.records if r.name.startswith("pydicom")], caplog.text
     assert not [w for w in recwarn if "pydicom" in w.filename]
     # without the guard the same read does log (so the test above tests something)

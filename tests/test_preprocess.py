@@ -79,7 +79,9 @@ def test_three_dimensional_volumes_resample_too():
 
 
 def test_units_of_another_dimensionality_are_skipped_with_a_reason(tmp_path):
-    """A CT volume in a radiograph (2D) study is left out and listed, not fatal."""
+    """A CT volume in a radiograph (2D) study is left out and listed, not fatal; so is a 4D
+    unit (dcm2niix's time series), with its number of volumes; in a 3D study the CT volume
+    (converted by dcm2niix) is the one kept and the radiograph is listed."""
     import pandas as pd
 
     from radflow import conventions as C
@@ -88,18 +90,39 @@ def test_units_of_another_dimensionality_are_skipped_with_a_reason(tmp_path):
 
     import dicom_factory as F
 
-    F.write_projection(tmp_path / "dicom" / "dx.dcm", patient_id="P1", accession="A1")
-    ct = F.write_volume(tmp_path / "dicom" / "ct", patient_id="P2", accession="A2", n_slices=4)
-    rows = [("aaaa", "DX", "dx.dcm")] + [("bbbb", "CT", str(p.relative_to(tmp_path / "dicom")))
-                                         for p in ct]  # fmt: skip
+    root = tmp_path / "dicom"
+    F.write_projection(root / "dx.dcm", patient_id="P1", accession="A1")
+    ct = F.write_volume(root / "ct", patient_id="P2", accession="A2", n_slices=4)
+    times = [{"AcquisitionNumber": t, "TemporalPositionIdentifier": t} for t in (1, 2, 3)]
+    mr = F.write_volumes(root / "mr", times, patient_id="P3", accession="A3", modality="MR",
+                         series_uid=F.new_uid(), study_uid=F.new_uid())  # fmt: skip
+    rows = [("aaaa", "DX", "dx.dcm")]
+    rows += [("bbbb", "CT", p.relative_to(root).as_posix()) for p in ct]
+    rows += [("cccc", "MR", p.relative_to(root).as_posix()) for v in mr for p in v]
     table = pd.DataFrame(rows, columns=[C.SERIES_PID, C.MODALITY, C.PATH])
     table.to_csv(tmp_path / "shard.tsv", sep="\t", index=False)
-    convert_shard(tmp_path / "shard.tsv", tmp_path / "dicom", tmp_path / "nifti", progress=False)
+    converted = convert_shard(tmp_path / "shard.tsv", root, tmp_path / "nifti", progress=False)
+    assert list(converted["ndim"]) == [2, 3, 4]
+    assert list(converted["route"]) == ["radflow", "dcm2niix", "dcm2niix"]
     manifest = preprocess_shard(
         tmp_path / "nifti", tmp_path / "pre", PreprocessSettings((32, 32)), progress=False
     )
     assert list(manifest[C.SERIES_PID]) == ["aaaa"]
     assert np.load(tmp_path / "pre" / C.PREPROCESSED_ARRAY).shape == (1, 1, 32, 32)
     skipped = pd.read_csv(tmp_path / "pre" / C.SKIPPED_TABLE, sep="\t")
-    assert list(skipped[C.SERIES_PID]) == ["bbbb"]
+    assert list(skipped[C.SERIES_PID]) == ["bbbb", "cccc"]
     assert "3D image in a 2D study" in skipped[C.REASON].iloc[0]
+    assert skipped[C.REASON].iloc[1] == (
+        "4D image (3 volumes: time series, diffusion or multi-phase) in a 2D study: the task "
+        "needs one 2D image per unit"
+    )
+
+    settings = PreprocessSettings((4, 16, 16), ct_window_hu=(-1000, 1000))
+    manifest = preprocess_shard(tmp_path / "nifti", tmp_path / "pre3d", settings, progress=False)
+    assert list(manifest[C.SERIES_PID]) == ["bbbb"]
+    assert manifest["in_shape"].iloc[0] == "4\\12\\10"  # read_image: (k, j, i)
+    array = np.load(tmp_path / "pre3d" / C.PREPROCESSED_ARRAY)
+    assert array.shape == (1, 1, 4, 16, 16) and np.isfinite(array).all()
+    skipped = pd.read_csv(tmp_path / "pre3d" / C.SKIPPED_TABLE, sep="\t")
+    assert list(skipped[C.SERIES_PID]) == ["aaaa", "cccc"]
+    assert "2D image in a 3D study" in skipped[C.REASON].iloc[0]

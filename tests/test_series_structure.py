@@ -586,3 +586,22 @@ def test_projection_series_one_unit_per_instance():
     assert left_out == [] and [u.unit_id for u in units] == ["S/sop0", "S/sop1"]
     units, _ = group_units({"S": files[:1]})
     assert [u.unit_id for u in units] == ["S"]
+
+
+@pytest.mark.parametrize(
+    "shift_mm, problem",
+    [
+        ({}, False),  # a straight stack
+        ({k: (0.0, 0.3 * k) for k in range(6)}, False),  # a gantry tilt: shift ~ distance
+        ({3: (0.0, 3.0)}, True),  # one slice misplaced 3 mm: dcm2niix would write _Eq
+        ({3: (0.04, 0.0)}, False),  # within the 0.05 mm tolerance
+    ],
+)
+def test_irregular_in_plane_shift_fails_the_unit(shift_mm, problem):
+    files = []
+    for k in range(6):
+        dx, dy = shift_mm.get(k, (0.0, 0.0))
+        files.append(_record(f"s{k}", [SliceKey(None, AXIAL, (dx, dy, 2.0 * k))]))
+    units, _ = group_series("S", files)
+    assert len(units) == 1
+    assert units[0].problem.startswith("slices shifted in-plane irregularly") == problem

@@ -1,10 +1,12 @@
-"""Transfer syntaxes: a generated corpus in every syntax radflow decodes, and the files
-pydicom ships, converted by radflow and by dcm2niix and compared voxel by voxel; colour
-images and unsupported syntaxes refused with a reason; raw datasets without file meta
-read."""
+"""Transfer syntaxes: a generated corpus in every syntax the index accepts, and the files
+pydicom ships, converted by the route `choose_route` picks (dcm2niix, or radflow's reader
+where dcm2niix is wrong or unable) and compared voxel by voxel with the DICOM values and
+with dcm2niix; colour images, unsupported syntaxes and corrupt streams refused with a
+reason; raw datasets without file meta read."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pandas as pd
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -32,10 +35,11 @@ from pydicom.uid import (
 
 from radflow import conventions as C
 from radflow.dicom import syntax as S
-from radflow.dicom.convert import build_volume, convert_shard, convert_unit, stored_range
+from radflow.dicom.convert import choose_route, convert_shard, convert_unit, load_headers
 from radflow.dicom.index import REASON_NOT_DICOM, read_file_record
+from radflow.dicom.reader import build_volume, stored_range
 
-from dicom_factory import assert_phi_free, write_volume
+from dicom_factory import assert_phi_free, write_projection, write_volume
 from dicom_syntaxes import (
     LOSSY,
     PRIVATE_SYNTAX,
@@ -93,18 +97,40 @@ CORPUS = {
 }  # fmt: skip
 
 
-#: Largest difference from dcm2niix (grey levels). Lossy JPEG: the decoders' inverse DCTs
-#: round differently: radflow's libjpeg differs from dcm2niix's own 8-bit decoder and from
-#: libjpeg-turbo (12-bit reference) by at most 1 in a few % of voxels; every other syntax,
-#: lossy JPEG-LS and JPEG 2000 included, gives identical values.
-TOLERANCE = {JPEGBaseline8Bit: 1.0, JPEGExtended12Bit: 1.0}
+#: Units radflow's own reader converts (`choose_route`), with the start of the reason it
+#: records; every other case is converted by dcm2niix. dcm2niix (v1.0.20260724) cannot
+#: read deflated files or 12-bit JPEG extended, reads signed 8-bit pixels as unsigned,
+#: neither inverts MONOCHROME1 nor applies a Modality LUT, and decodes 16-bit lossless
+#: JPEG with predictor 6 wrongly (~75-100% of voxels; 12- and 15-bit precision are right,
+#: but the route goes by BitsAllocated: every 16-bit-allocated predictor-6 stream).
+ROUTED = {
+    "explicit_le-s8": "signed 8-bit pixels",
+    "deflated-u8": "deflated transfer syntax",
+    "deflated-s16": "deflated transfer syntax",
+    "jpeg_extended-u12": "",  # dcm2niix cannot decode it (its error: "Unable to decode
+    # 16-bit images with Transfer Syntax 1.2.840.10008.1.2.4.51"); any reason
+    "jpeg_lossless_p14-u12": "16-bit lossless JPEG with predictor 6",
+    "jpeg_lossless_p14-s16": "16-bit lossless JPEG with predictor 6",
+    "j2k_lossless-u12-monochrome1": "MONOCHROME1",
+    "jpeg_lossless_sv1-s16-monochrome1": "MONOCHROME1",
+}
 
+#: Largest difference of radflow's own reader from dcm2niix (grey levels). Lossy JPEG:
+#: the decoders' inverse DCTs round differently: radflow's libjpeg differs from
+#: libjpeg-turbo (the 12-bit reference dcm2niix converts) by at most 1 in a few % of
+#: voxels; every other syntax gives identical values.
+TOLERANCE = {JPEGExtended12Bit: 1.0}
 
-#: Cases dcm2niix (v1.0.20260724) decodes wrongly, compared with dcm2niix on a copy that
-#: libjpeg-turbo decompressed instead: lossless JPEG with predictor 6 at 16-bit precision
-#: comes out wrong in ~75-100% of voxels (12- and 15-bit are right), while libjpeg-turbo
-#: and radflow's libjpeg both return the written values.
-DCM2NIIX_WRONG = {"jpeg_lossless_p14-s16"}
+#: Routed cases whose dcm2niix reference is made from a copy libjpeg-turbo decompressed
+#: (dcm2niix decodes them wrongly, see ROUTED).
+DCM2NIIX_WRONG = {"jpeg_lossless_p14-u12", "jpeg_lossless_p14-s16"}
+
+#: The voxel -> RAS affine `write_series` geometry defines: column i along +x (LPS) every
+#: 0.9 mm, row j along +y every 0.7 mm (PixelSpacing 0.7\0.9), slice k along +z every
+#: 2 mm from (-20.5, 31.25, -12) LPS; RAS negates x and y.
+SERIES_AFFINE = np.array(
+    [[-0.9, 0, 0, 20.5], [0, -0.7, 0, -31.25], [0, 0, 2.0, -12.0], [0, 0, 0, 1]]
+)
 
 
 def _convert(files: list[Path], root: Path, out: Path, modality: str = "CT") -> dict:
@@ -112,10 +138,23 @@ def _convert(files: list[Path], root: Path, out: Path, modality: str = "CT") -> 
     return convert_unit("ser-x", modality, rels, root, out)
 
 
+def _expected_image(values: np.ndarray) -> nib.Nifti1Image:
+    """(slice, row, column) values of a `write_series` unit on the grid its DICOM geometry
+    defines, independent of either converter."""
+    return nib.Nifti1Image(np.asarray(values, float).transpose(2, 1, 0), SERIES_AFFINE)
+
+
+def _sidecar(out: Path) -> dict:
+    return json.loads((out / f"ser-x{C.SIDECAR_SUFFIX}").read_text())
+
+
 @pytest.mark.parametrize("case", list(CORPUS))
 def test_corpus_matches_dcm2niix(case, tmp_path):
-    """radflow and dcm2niix agree on grid, spacing, world coordinates and every value; the
-    lossless syntaxes also give back exactly the stored values times slope plus intercept."""
+    """Every syntax converts by the route `choose_route` documents. Each unit's values sit
+    where the DICOM geometry puts them (lossless syntaxes: exactly the stored values times
+    slope plus intercept, MONOCHROME1 inverted); a dcm2niix-route unit is dcm2niix's own
+    output (same stored values, type, scaling and affine), a radflow-route unit matches
+    dcm2niix's grid and values up to what dcm2niix gets wrong (signed 8-bit, MONOCHROME1)."""
     syntax, bits, signed, extra = CORPUS[case]
     root = tmp_path / "dicom"
     files, stored = write_series(root / "ZqxSeries", syntax=syntax, bits_stored=bits,
@@ -124,9 +163,14 @@ def test_corpus_matches_dcm2niix(case, tmp_path):
         assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
         assert read_file_record(str(root), path.relative_to(root).as_posix(), "PatientID",
                                 "AccessionNumber").reason == ""  # fmt: skip
-    row = _convert(files, root, tmp_path / "out")
+    out = tmp_path / "out"
+    row = _convert(files, root, out)
     assert row[C.STATUS] == C.STATUS_OK, row[C.REASON]
-    ours = nib.load(tmp_path / "out" / f"ser-x{C.NIFTI_SUFFIX}")
+    route = "radflow" if case in ROUTED else "dcm2niix"
+    meta = _sidecar(out)
+    assert row["route"] == meta["route"] == route
+    assert meta["route_reason"].startswith(ROUTED.get(case, "cross-sectional series"))
+    ours = nib.load(out / f"ser-x{C.NIFTI_SUFFIX}")
     slopes = extra.get("slopes", [1, 1, 1])
     intercepts = extra.get("intercepts", [0, 0, 0])
     monochrome1 = extra.get("photometric") == "MONOCHROME1"
@@ -137,25 +181,111 @@ def test_corpus_matches_dcm2niix(case, tmp_path):
     expected = np.stack([v * s + b for v, s, b in zip(stored, slopes, intercepts, strict=True)])
     if monochrome1:
         expected = value_range[0] + value_range[1] - expected
-    data = ours.get_fdata().transpose(2, 1, 0)  # (slice, row, column)
+    difference = compare_with_reference(ours, _expected_image(expected))
     if syntax in LOSSY:  # near the original on average; the exact check is dcm2niix's below
-        assert np.abs(data - expected).mean() <= 0.02 * (value_range[1] - value_range[0])
+        assert difference.mean() <= 0.02 * (value_range[1] - value_range[0])
     else:
-        np.testing.assert_array_equal(data, expected)
+        assert difference.max() == 0.0
 
     refs = reference_nifti(files, tmp_path / "dcm2niix", always_decompress=case in DCM2NIIX_WRONG)
     assert len(refs) == 1
     ref = refs[0]
+    if route == "dcm2niix":
+        assert ours.get_data_dtype() == ref.get_data_dtype()
+        np.testing.assert_array_equal(np.asanyarray(ours.dataobj.get_unscaled()),
+                                      np.asanyarray(ref.dataobj.get_unscaled()))  # fmt: skip
+        assert (ours.dataobj.slope, ours.dataobj.inter) == (ref.dataobj.slope, ref.dataobj.inter)
+        np.testing.assert_array_equal(ours.affine, ref.affine)
+        assert meta["dcm2niix_version"] == meta["dcm2niix"]["ConversionSoftwareVersion"]
+        return
+    # radflow's layout: voxel (i, j, k) is column i, row j of slice k, unflipped
+    layout = np.abs(ours.get_fdata().transpose(2, 1, 0) - expected)
+    if syntax in LOSSY:
+        assert layout.mean() <= 0.02 * (value_range[1] - value_range[0])
+    else:
+        assert layout.max() == 0
     if bits == 8 and signed:
         # dcm2niix reads 8-bit data as unsigned whatever PixelRepresentation says; radflow
         # follows PixelRepresentation (the values it returns are the written ones, above)
         raw = ref.get_fdata()
+        assert raw.min() >= 0 and ours.get_fdata().min() == -128
         ref = nib.Nifti1Image(np.where(raw >= 128, raw - 256, raw), ref.affine)
     difference = compare_with_reference(
         ours, ref, monochrome1_range=value_range if monochrome1 else None
     )
     assert difference.max() <= TOLERANCE.get(syntax, 0.0)
-    assert (difference > 0).mean() <= 0.1  # measured: 3.4 % (8-bit), 7.9 % (12-bit)
+    assert (difference > 0).mean() <= 0.1  # measured: 7.9 % (12-bit lossy JPEG)
+
+
+def _route_case(case: str, folder: Path) -> tuple[str, Path]:
+    """(modality, first file) of a unit that exercises one rule of `choose_route`."""
+    if case == "dx":
+        return "DX", write_projection(folder / "dx.dcm", **IDS)
+    if case == "modality_lut":
+        lut = Dataset()
+        lut.LUTDescriptor = [4096, 0, 16]
+        lut.ModalityLUTType = "HU"
+        lut.add_new(0x00283006, "US", [int(v) for v in np.arange(4096) * 2 + 3])
+        extra = {"RescaleSlope": None, "RescaleIntercept": None,
+                 "ModalityLUTSequence": DicomSequence([lut])}  # fmt: skip
+        return "CT", write_volume(folder, **IDS, n_slices=1, extra=extra)[0]
+    if case == "jpeg_lossless_p1-s16":  # predictor 1 under the general process 14 UID
+        files, _ = write_series(folder, syntax=JPEGLosslessSV1, bits_stored=16, signed=True,
+                                **IDS, n_slices=1)  # fmt: skip
+        ds = pydicom.dcmread(files[0])
+        ds.file_meta.TransferSyntaxUID = JPEGLossless
+        ds.save_as(files[0], enforce_file_format=True)
+        return "CT", files[0]
+    syntax, bits, signed, photometric = {
+        "explicit_le-u12": (ExplicitVRLittleEndian, 12, False, "MONOCHROME2"),
+        "explicit_le-u8": (ExplicitVRLittleEndian, 8, False, "MONOCHROME2"),
+        "explicit_le-s8": (ExplicitVRLittleEndian, 8, True, "MONOCHROME2"),
+        "deflated-u8": (DeflatedExplicitVRLittleEndian, 8, False, "MONOCHROME2"),
+        "rle-u12-monochrome1": (RLELossless, 12, False, "MONOCHROME1"),
+        "jpeg_lossless_p6-s16": (JPEGLossless, 16, True, "MONOCHROME2"),
+        "jpeg_lossless_p6-u8": (JPEGLossless, 8, False, "MONOCHROME2"),
+        "jpeg_lossless_sv1-s16": (JPEGLosslessSV1, 16, True, "MONOCHROME2"),
+        "jpeg_extended-u12": (JPEGExtended12Bit, 12, False, "MONOCHROME2"),
+    }[case]  # fmt: skip
+    files, _ = write_series(folder, syntax=syntax, bits_stored=bits, signed=signed,
+                            photometric=photometric, **IDS, n_slices=1)  # fmt: skip
+    return "CT", files[0]
+
+
+#: (case, route, start of the reason) for `_route_case`.
+ROUTE_CASES = [
+    ("dx", "radflow", "projection radiograph: dcm2niix ignores ImagerPixelSpacing"),
+    ("explicit_le-u12", "dcm2niix", "cross-sectional series: dcm2niix is the conversion "
+                                    "engine"),
+    ("explicit_le-u8", "dcm2niix", "cross-sectional series"),
+    ("explicit_le-s8", "radflow", "signed 8-bit pixels: dcm2niix reads them as unsigned"),
+    ("deflated-u8", "radflow", "deflated transfer syntax: dcm2niix cannot read it"),
+    ("rle-u12-monochrome1", "radflow", "MONOCHROME1: dcm2niix does not invert it"),
+    ("modality_lut", "radflow", "Modality LUT: dcm2niix ignores it"),
+    ("jpeg_lossless_p6-s16", "radflow", "16-bit lossless JPEG with predictor 6: dcm2niix "
+                                        "decodes it wrongly"),
+    ("jpeg_lossless_p6-u8", "dcm2niix", "cross-sectional series"),
+    ("jpeg_lossless_sv1-s16", "dcm2niix", "cross-sectional series"),
+    ("jpeg_lossless_p1-s16", "dcm2niix", "cross-sectional series"),
+    ("jpeg_extended-u12", "radflow", ""),  # dcm2niix cannot decode it
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "route", "reason"), ROUTE_CASES,
+                         ids=[c[0] for c in ROUTE_CASES])  # fmt: skip
+def test_choose_route(case, route, reason, tmp_path):
+    """Each rule of `choose_route` on the header convert reads (pixel data deferred), and
+    the manifest and sidecar of the converted unit record the same route and reason."""
+    modality, path = _route_case(case, tmp_path / "dicom" / "Zqxunit")
+    header = load_headers([str(path)])[0]
+    got_route, got_reason = choose_route(modality, header)
+    assert (got_route, got_reason[: len(reason)]) == (route, reason)
+    assert got_reason
+    row = _convert([path], tmp_path / "dicom", tmp_path / "out", modality=modality)
+    assert row[C.STATUS] == C.STATUS_OK, row[C.REASON]
+    meta = _sidecar(tmp_path / "out")
+    assert row["route"] == meta["route"] == route and meta["route_reason"] == got_reason
+    assert ("dcm2niix_version" in meta) == (route == "dcm2niix")
 
 
 def test_decoder_is_pinned():
@@ -177,17 +307,19 @@ def test_colour_images_refused_with_reason(photometric, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("syntax", "reason"),
+    ("syntax", "reason", "engine_says"),
     [
-        (PRIVATE_SYNTAX, f"unsupported transfer syntax: private transfer syntax {PRIVATE_SYNTAX}"),
+        (PRIVATE_SYNTAX, f"unsupported transfer syntax: private transfer syntax {PRIVATE_SYNTAX}",
+         "PMSCT_RLE1"),
         (VIDEO_SYNTAX, "unsupported transfer syntax: MPEG-4 AVC/H.264 High Profile / Level 4.1 "
-                       "(video)"),
+                       "(video)", f"Unsupported transfer syntax '{VIDEO_SYNTAX}'"),
     ],
     ids=["private", "video"],
 )  # fmt: skip
-def test_unsupported_syntax_refused_by_index_and_convert(syntax, reason, tmp_path):
-    """The index quarantines the file, and a shard that lists it anyway fails only that
-    unit, with the same reason; the other unit of the shard converts."""
+def test_unsupported_syntax_refused_by_index_and_convert(syntax, reason, engine_says, tmp_path):
+    """The index quarantines the file with the reason naming the syntax; a shard that lists
+    it anyway hands the unit to dcm2niix, which fails it with its own error (PHI-free), and
+    the other unit of the shard converts."""
     root = tmp_path / "dicom"
     bad, _ = write_series(root / "Zqxbad", syntax=syntax, bits_stored=12, signed=False, **IDS,
                           n_slices=2)  # fmt: skip
@@ -204,15 +336,31 @@ def test_unsupported_syntax_refused_by_index_and_convert(syntax, reason, tmp_pat
     table.to_csv(shard, sep="\t", index=False)
     manifest = convert_shard(shard, root, tmp_path / "out", progress=False).set_index(C.SERIES_PID)
     assert manifest.loc["ser-bad", C.STATUS] == C.STATUS_FAILED
-    assert manifest.loc["ser-bad", C.REASON] == reason
+    assert manifest.loc["ser-bad", "route"] == "dcm2niix"
+    assert manifest.loc["ser-bad", C.REASON].startswith("dcm2niix wrote no image (")
+    assert engine_says in manifest.loc["ser-bad", C.REASON]
     assert manifest.loc["ser-good", C.STATUS] == C.STATUS_OK
+    assert not (tmp_path / "out" / f"ser-bad{C.NIFTI_SUFFIX}").exists()
     assert_phi_free(tmp_path / "out", [p.relative_to(root).as_posix() for p in bad + good])
 
 
-def test_corrupt_compressed_stream_refused_with_reason(tmp_path):
+@pytest.mark.parametrize(
+    ("photometric", "route", "reason", "detail"),
+    [
+        ("MONOCHROME2", "dcm2niix", "dcm2niix wrote no image (",
+         "Error: OpenJPEG j2k_to_image failed to decode <file>)"),
+        ("MONOCHROME1", "radflow", "JPEG 2000 Image Compression (Lossless Only) pixel data "
+                                   "could not be decoded (", ""),
+    ],
+    ids=["dcm2niix", "radflow"],
+)  # fmt: skip
+def test_corrupt_compressed_stream_refused_with_reason(photometric, route, reason, detail,
+                                                       tmp_path):  # fmt: skip
+    """A cut JPEG 2000 stream in the second slice fails the unit on either route, with the
+    decoder's complaint and without paths; no output is left."""
     root = tmp_path / "dicom"
     files, _ = write_series(root / "Zqxj2k", syntax=JPEG2000Lossless, bits_stored=12,
-                            signed=False, **IDS, n_slices=2)  # fmt: skip
+                            signed=False, photometric=photometric, **IDS, n_slices=2)  # fmt: skip
     ds = pydicom.dcmread(files[1])
     from pydicom.encaps import encapsulate, generate_frames
 
@@ -220,11 +368,10 @@ def test_corrupt_compressed_stream_refused_with_reason(tmp_path):
     ds.PixelData = encapsulate([stream[: len(stream) // 3] + bytes(40)])
     ds.save_as(files[1])
     row = _convert(files, root, tmp_path / "out")
-    assert row[C.STATUS] == C.STATUS_FAILED
-    assert row[C.REASON].startswith(
-        "JPEG 2000 Image Compression (Lossless Only) pixel data could not be decoded ("
-    )
+    assert (row[C.STATUS], row["route"]) == (C.STATUS_FAILED, route)
+    assert row[C.REASON].startswith(reason) and detail in row[C.REASON], row[C.REASON]
     assert "Zqx" not in row[C.REASON] and str(root) not in row[C.REASON]
+    assert not list((tmp_path / "out").glob("ser-x*"))
 
 
 def test_missing_decoder_names_the_package(monkeypatch):
@@ -292,7 +439,10 @@ def test_not_dicom_that_starts_like_a_dataset(tmp_path):
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
 #: What radflow does with each file pydicom ships: "ok" (converted, compared with
-#: dcm2niix), else the index's or the conversion's reason (prefix).
+#: dcm2niix), else the index's or the conversion's reason (prefix). The files the index
+#: accepts are CT, MR, NM and US/OT (colour) units: dcm2niix's route, except the deflated
+#: image_dfl.dcm and the 12-bit JPEG extended files (radflow's reader, which needs
+#: ImageOrientationPatient/ImagePositionPatient for a cross-sectional unit).
 _COLOUR = "colour image (PhotometricInterpretation {}) in a grayscale study"
 _NO_GEOMETRY = "missing ImageOrientationPatient or ImagePositionPatient"
 EXPECTED = {
@@ -304,8 +454,9 @@ EXPECTED = {
     "GDCMJ2K_TextGBR.dcm": _COLOUR.format("YBR_RCT"),
     "J2K_pixelrep_mismatch.dcm": "ok",
     "JPEG-lossy.dcm": _NO_GEOMETRY,
-    "JPEG2000-embedded-sequence-delimiter.dcm": _NO_GEOMETRY,
-    "JPEG2000.dcm": _NO_GEOMETRY,
+    "JPEG2000-embedded-sequence-delimiter.dcm": "dcm2niix wrote no image (Error: OpenJPEG "
+    "failed to read the header <file>",
+    "JPEG2000.dcm": "ok",  # no ImageOrientationPatient: dcm2niix converts it all the same
     "JPEGLSNearLossless_08.dcm": "missing SeriesInstanceUID",
     "JPEGLSNearLossless_16.dcm": "missing SeriesInstanceUID",
     "JPGExtended.dcm": _NO_GEOMETRY,
@@ -390,7 +541,7 @@ EXPECTED = {
 #: Largest difference from dcm2niix per file: JPGExtended.dcm is 12-bit lossy JPEG, which
 #: dcm2niix cannot read; its reference is decoded by libjpeg-turbo (see TOLERANCE).
 DECODE_ONLY = {
-    "JPEG2000.dcm": 0, "JPGExtended.dcm": 1, "image_dfl.dcm": 0,
+    "JPGExtended.dcm": 1, "image_dfl.dcm": 0,
     "JPEGLSNearLossless_08.dcm": 0, "JPEGLSNearLossless_16.dcm": 0,
 }  # fmt: skip
 #: Files neither radflow nor dcm2niix decodes (radflow's reason, dcm2niix's error):
@@ -443,22 +594,25 @@ def test_pydicom_file(name, tmp_path):
     assert outcome.startswith(EXPECTED[name]), outcome
     assert outcome and (outcome == "ok") == (EXPECTED[name] == "ok")
 
-    if outcome == "ok":
+    if outcome == "ok" and name == "J2K_pixelrep_mismatch.dcm":
+        # PixelRepresentation 1 with an unsigned 13-bit J2K codestream: dcm2niix keeps the
+        # codestream's unsigned values (the -2000 HU padding reads 6192), so the unit goes
+        # to radflow's reader, which follows the header (value - 2^13 above 2^12 - 1)
+        assert row["route"] == "radflow"
+        values = nib.load(tmp_path / "out" / f"ser-x{C.NIFTI_SUFFIX}").get_fdata()
+        ref = _dcm2niix_image(name, tmp_path / "dcm2niix").get_fdata()
+        assert ref.min() >= 0 and values.min() == -2000
+        assert (ref == 6192).sum() == (values == -2000).sum() > 0
+    elif outcome == "ok":
+        assert row["route"] == "dcm2niix"
         ours = nib.load(tmp_path / "out" / f"ser-x{C.NIFTI_SUFFIX}")
         ref = _dcm2niix_image(name, tmp_path / "dcm2niix")
-        difference = compare_with_reference(ours, ref)
-        if name == "J2K_pixelrep_mismatch.dcm":
-            # PixelRepresentation 1 with an unsigned 13-bit J2K codestream. radflow (pydicom)
-            # follows the DICOM header: value - 2^13 above 2^12 - 1 (-2000 HU padding, air
-            # near -1000); dcm2niix keeps the codestream's unsigned values.
-            ours_values = nib.as_closest_canonical(ours).get_fdata()
-            ref_values = np.squeeze(nib.as_closest_canonical(ref).get_fdata())[..., None]
-            np.testing.assert_array_equal(
-                ours_values, np.where(ref_values >= 4096, ref_values - 8192, ref_values)
-            )
-            assert difference.max() == 8192
-        else:
-            assert difference.max() == 0.0
+        # dcm2niix's own image: same stored values, type, scaling and affine
+        assert ours.get_data_dtype() == ref.get_data_dtype()
+        np.testing.assert_array_equal(np.asanyarray(ours.dataobj.get_unscaled()),
+                                      np.asanyarray(ref.dataobj.get_unscaled()))  # fmt: skip
+        assert (ours.dataobj.slope, ours.dataobj.inter) == (ref.dataobj.slope, ref.dataobj.inter)
+        np.testing.assert_array_equal(ours.affine, ref.affine)
     elif name in DECODE_ONLY:
         with pydicom.config.disable_value_validation():
             ds = pydicom.dcmread(TEST_FILES / name)

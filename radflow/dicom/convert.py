@@ -40,7 +40,14 @@ import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.encaps import generate_fragments
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGLossless
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGExtended12Bit,
+    JPEGLossless,
+)
 
 from radflow import conventions as C
 from radflow.deid import SIDECAR_WHITELIST, quiet_pydicom, sidecar_fields
@@ -57,6 +64,7 @@ from radflow.dicom.nifti import VOX_OFFSET, write_nifti, write_nifti_stream
 from radflow.dicom.reader import (
     ConversionError,
     build_volume,
+    grayscale_photometric,
     load_slices,
     projection_geometry,
     stack_geometry,
@@ -84,19 +92,35 @@ ENGINE_SIDECAR_FIELDS = (
 )  # fmt: skip
 
 
+def _first_codestream(ds: pydicom.Dataset) -> bytes | None:
+    """The first fragment of encapsulated pixel data that holds a codestream (the Basic
+    Offset Table item, possibly empty, comes first and is skipped)."""
+    try:
+        for fragment in generate_fragments(ds.PixelData):
+            if fragment[:2] == b"\xff\xd8" or fragment[:2] == b"\xff\x4f":  # JPEG, J2K
+                return fragment
+    except (AttributeError, ValueError, TypeError):
+        return None
+    return None
+
+
 def _jpeg_lossless_predictor(ds: pydicom.Dataset) -> int | None:
     """The predictor (selection value, 1-7) of a process-14 lossless JPEG codestream,
-    read from the start-of-scan marker of the first fragment; None if not found."""
-    try:
-        fragment = next(generate_fragments(ds.PixelData))
-    except (AttributeError, StopIteration, ValueError, TypeError):
+    read from its start-of-scan marker; None if not found."""
+    stream = _first_codestream(ds)
+    start = stream.find(b"\xff\xda") if stream else -1
+    if start < 0 or start + 5 > len(stream):
         return None
-    start = fragment.find(b"\xff\xda")
-    if start < 0 or start + 5 > len(fragment):
-        return None
-    n_components = fragment[start + 4]
-    at = start + 5 + 2 * n_components  # Ss: the predictor in a lossless scan
-    return fragment[at] if at < len(fragment) else None
+    at = start + 5 + 2 * stream[start + 4]  # Ss follows the component selectors
+    return stream[at] if at < len(stream) else None
+
+
+def _j2k_signed(ds: pydicom.Dataset) -> bool | None:
+    """Whether a JPEG 2000 codestream says its first component is signed (SIZ marker)."""
+    stream = _first_codestream(ds)
+    start = stream.find(b"\xff\x51") if stream else -1
+    at = start + 40  # marker, Lsiz, Rsiz, 8 x 32-bit sizes, Csiz, then Ssiz of component 0
+    return bool(stream[at] & 0x80) if start >= 0 and at < len(stream) else None
 
 
 def choose_route(modality: str, ds: pydicom.Dataset) -> tuple[str, str]:
@@ -117,15 +141,41 @@ def choose_route(modality: str, ds: pydicom.Dataset) -> tuple[str, str]:
         return ROUTE_RADFLOW, "MONOCHROME1: dcm2niix does not invert it"
     if "ModalityLUTSequence" in ds:
         return ROUTE_RADFLOW, "Modality LUT: dcm2niix ignores it"
-    if syntax == JPEGLossless and bits == 16:
+    if syntax == JPEGExtended12Bit and bits > 8:
+        return ROUTE_RADFLOW, "12-bit JPEG extended: dcm2niix cannot decode it"
+    if _preamble_problem(ds):
+        return ROUTE_RADFLOW, f"{_preamble_problem(ds)}: dcm2niix does not read such files"
+    if (syntax == JPEGLossless and bits == 16) or syntax in (JPEG2000, JPEG2000Lossless):
         if "PixelData" not in ds and getattr(ds, "filename", None):
             ds = pydicom.dcmread(ds.filename, force=True)
-        predictor = _jpeg_lossless_predictor(ds)
+        predictor = _jpeg_lossless_predictor(ds) if syntax == JPEGLossless else None
         if predictor not in (None, 1):
             return ROUTE_RADFLOW, (
                 f"16-bit lossless JPEG with predictor {predictor}: dcm2niix decodes it wrongly"
             )
+        signed = _j2k_signed(ds) if syntax != JPEGLossless else None
+        if signed is not None and signed != (int(ds.get("PixelRepresentation") or 0) == 1):
+            return ROUTE_RADFLOW, (
+                "JPEG 2000 codestream signedness contradicts PixelRepresentation: dcm2niix "
+                "follows the codestream, radflow the header"
+            )
     return ROUTE_DCM2NIIX, "cross-sectional series: dcm2niix is the conversion engine"
+
+
+def _preamble_problem(ds: pydicom.Dataset) -> str:
+    """Why dcm2niix would not find this file ("" if it will): it needs the 128-byte
+    preamble and "DICM", or else a raw implicit little endian dataset."""
+    path = getattr(ds, "filename", None)
+    if not isinstance(path, str):
+        return ""
+    with open(path, "rb") as fh:
+        if fh.read(132)[128:] == b"DICM":
+            return ""
+    if getattr(ds, "file_meta", None) and "TransferSyntaxUID" in ds.file_meta:
+        return "file meta without the 128-byte preamble"
+    if transfer_syntax(ds) != ImplicitVRLittleEndian:
+        return "raw dataset (no preamble) in explicit VR or big endian"
+    return ""
 
 
 def _short_error(exc: BaseException, secrets: Sequence[str]) -> str:
@@ -274,6 +324,7 @@ def convert_unit(
     try:
         with quiet_pydicom():
             datasets = load_headers(absolute)
+            grayscale_photometric(datasets[0])  # colour is refused on either route
             route, why = choose_route(modality, datasets[0])
             row["route"] = route
             if route == ROUTE_DCM2NIIX:

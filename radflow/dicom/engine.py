@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,9 +56,16 @@ class EngineOutput:
 
 @functools.cache
 def dcm2niix_binary() -> str:
-    """The dcm2niix executable: the one beside this Python (the pip package's), else PATH."""
-    candidate = Path(sys.executable).parent / "dcm2niix"
-    found = str(candidate) if candidate.exists() else shutil.which("dcm2niix")
+    """The dcm2niix executable: the binary inside the `dcm2niix` PyPI package (not its
+    console script, a Python wrapper that costs ~40 ms an invocation), else PATH's."""
+    try:
+        import dcm2niix
+
+        if Path(dcm2niix.bin).is_file():
+            return str(dcm2niix.bin)
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which("dcm2niix")
     if not found:
         raise EngineError("dcm2niix is not installed (pip install dcm2niix, see pyproject.toml)")
     return found
@@ -85,7 +91,10 @@ def _tokens(stem: str) -> tuple[str, ...]:
 
 def _reason_from_log(log: str) -> str:
     """dcm2niix's own error line(s), without paths (the linked names are counters)."""
-    lines = [ln.strip() for ln in log.splitlines() if re.match(r"\s*(Error|Warning)", ln)]
+    # dcm2niix sometimes prints a warning right after an error, on the same line
+    messages = re.split(r"\n|(?=Warning:)|(?=Error:)", log)
+    errors = [m.strip() for m in messages if m.strip().startswith("Error")]
+    lines = errors or [m.strip() for m in messages if m.strip().startswith("Warning")]
     text = "; ".join(dict.fromkeys(lines))
     return re.sub(r"/\S+", "<file>", text)[:300]
 
@@ -114,10 +123,16 @@ def run_dcm2niix(
     for nii in sorted(out.glob(f"{_BASE}*.nii")):
         stem = nii.name[: -len(".nii")]
         found = EngineOutput(nii, _tokens(stem))
+        # dcm2niix writes the sidecar (and bval/bvec) of the uncorrected image only: an
+        # "_Eq_1"/"_Tilt_1"/"_Tilt_Eq_1" version shares its base image's files
+        base = re.sub(r"(_Tilt)?(_Eq)?_\d+$", "", stem) if found.tokens[-1:] in (
+            ("Tilt",), ("Eq",)) else stem  # fmt: skip
         for attr, suffix in (("json", ".json"), ("bval", ".bval"), ("bvec", ".bvec")):
-            candidate = nii.with_name(stem + suffix)
-            if candidate.exists():
-                setattr(found, attr, candidate)
+            for name in dict.fromkeys((stem, base)):
+                candidate = nii.with_name(name + suffix)
+                if candidate.exists():
+                    setattr(found, attr, candidate)
+                    break
         outputs.append(found)
     if not outputs:
         detail = _reason_from_log(log) or f"exit status {done.returncode}"

@@ -215,7 +215,7 @@ def load_slices(paths: Sequence[str]) -> list[pydicom.Dataset]:
         ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_BYTES)
         if transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
             ds = pydicom.dcmread(path, force=True)
-        _grayscale_photometric(ds)  # colour is the reason, before any frame geometry
+        grayscale_photometric(ds)  # colour is the reason, before any frame geometry
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise ConversionError("multi-frame file on radflow's own reader (single-frame only)")
         out.append(ds)
@@ -320,7 +320,7 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
     sizes = set()
     problems: dict[str, str] = {}  # per transfer syntax: the slices of a unit share one
     for ds in datasets:
-        photometric = _grayscale_photometric(ds)
+        photometric = grayscale_photometric(ds)
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise ConversionError("multi-frame file on radflow's own reader (single-frame only)")
         if "PixelData" not in ds:
@@ -341,7 +341,7 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
     return photometrics.pop()
 
 
-def _grayscale_photometric(ds: pydicom.Dataset) -> str:
+def grayscale_photometric(ds: pydicom.Dataset) -> str:
     """PhotometricInterpretation of a grayscale image; ConversionError for colour."""
     photometric = str(_get(ds, "PhotometricInterpretation", "")).strip().upper()
     samples = int(_get(ds, "SamplesPerPixel", 1) or 1)

@@ -79,6 +79,37 @@ def _as_number(text: str) -> tuple[float, str]:
         return float("inf"), text
 
 
+#: In-plane position error beyond which a stack is not one straight or tilted stack (mm);
+#: positions are written to ~0.001 mm, real misplacements are whole millimetres.
+IN_PLANE_TOLERANCE_MM = 0.05
+
+
+def _shift_problem(slices: Sequence[SliceKey]) -> str:
+    """Why a stack cannot become one image ("" if it can): slices shifted in-plane other
+    than in proportion to their distance along the normal (a gantry tilt is such a
+    proportion, which dcm2niix corrects). dcm2niix resamples such a stack as if only its
+    spacing were uneven, placing the shifted slices wrongly, so radflow refuses it."""
+    if len(slices) < 3 or any(s.position is None or s.orientation is None for s in slices):
+        return ""
+    orientation = np.array(slices[0].orientation)
+    if any(np.abs(np.subtract(s.orientation, orientation)).max() >= ORIENTATION_TOLERANCE
+           for s in slices):  # fmt: skip
+        return ""
+    normal = np.cross(orientation[:3], orientation[3:])
+    normal /= np.linalg.norm(normal) or 1.0
+    offsets = np.array([s.position for s in slices]) - slices[0].position
+    along = offsets @ normal
+    in_plane = offsets - np.outer(along, normal)
+    if not np.any(along):
+        return ""
+    shear = (along @ in_plane) / (along @ along)  # the tilt that fits best
+    residual = float(np.linalg.norm(in_plane - np.outer(along, shear), axis=1).max())
+    if residual > IN_PLANE_TOLERANCE_MM:
+        return (f"slices shifted in-plane irregularly along the stack (up to {residual:.2g} mm, "
+                "not a gantry tilt): positions contradict one image")  # fmt: skip
+    return ""
+
+
 def group_projection(series_uid: str, files: Sequence[FileRecord]) -> list[ImageUnit]:
     """One unit per instance of a projection series (the uid alone for one image)."""
     if len(files) == 1:
@@ -173,7 +204,8 @@ def _group_slices(
             rec = records[path]
             if rec.n_frames > 1 and None not in indices and len(indices) < rec.n_frames:
                 frames[path] = " ".join(str(i) for i in sorted(indices))
-        units.append(ImageUnit(unit_id, list(records.values()), frames, "/".join(used), "", keys))
+        units.append(ImageUnit(unit_id, list(records.values()), frames, "/".join(used),
+                               _shift_problem([sk for _, sk in members]), keys))  # fmt: skip
     rows = []
     for _path, items in sorted(left_out.items()):
         rec, reason = items[0][0], items[0][2]
