@@ -67,7 +67,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from radflow import conventions as C
-from radflow.dicom.index import list_files
+from radflow.files import list_files
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REAL = REPO.parent / "shared" / "data" / "real_dicom"
@@ -162,7 +162,7 @@ def index_cmd(root: Path, labels: Path, folder: Path, threads: int) -> list[str]
     land in `folder`/private/index/shard-NNN.tsv."""
     code = (
         "import sys; from radflow import conventions as C; "
-        "from radflow.dicom.index import build_index, list_files; "
+        "from radflow.dicom.index import build_index; from radflow.files import list_files; "
         "root, labels, folder, threads = sys.argv[1:5]; "
         "n = C.auto_shard_count(len(list_files(root))); "
         f"r = build_index(root, labels, label_key={LABEL_KEY!r}, key={KEY!r}, n_shards=n, "

@@ -37,7 +37,8 @@ import pandas as pd
 import yaml
 
 from radflow import conventions as C
-from radflow.dicom.index import IndexResult, list_files, tree_fingerprint
+from radflow.dicom.index import IndexResult
+from radflow.files import list_files, tree_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]

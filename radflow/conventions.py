@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections import defaultdict
 from pathlib import Path
 
 # ---------------------------------------------------------------- table columns
@@ -153,3 +154,24 @@ EVAL_METRICS_JSON = "metrics.json"  # nested metrics with bootstrap CIs
 EVAL_METRICS_TSV = "metrics.tsv"  # flat table of the headline metrics, for the report
 EVAL_PER_CASE = "per_case.tsv"  # one row per case and split kind
 EVAL_CURVES = "curves.json"  # every number the figures draw
+
+
+class Pseudonyms:
+    """`pseudonym` with a collision check per kind: two identifiers of one kind that hash
+    to the same pseudonym raise RuntimeError (raise PSEUDONYM_HEX_CHARS then)."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+        self.seen: dict[str, dict[str, str]] = defaultdict(dict)
+
+    def __call__(self, kind: str, identifier: str) -> str:
+        # undecodable bytes in file names must not break hashing
+        identifier = identifier.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        pid = pseudonym(self.key, kind, identifier)
+        known = self.seen[kind].setdefault(pid, identifier)
+        if known != identifier:
+            raise RuntimeError(
+                f"pseudonym collision: two distinct {kind!r} identifiers map to {pid}; "
+                "raise conventions.PSEUDONYM_HEX_CHARS"
+            )
+        return pid

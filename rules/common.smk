@@ -7,7 +7,7 @@ sys.path.insert(0, workflow.basedir)
 
 from radflow import conventions as C
 from radflow.config import check_config
-from radflow.dicom.index import list_files, tree_fingerprint
+from radflow.files import list_files, tree_fingerprint
 
 check_config(config)
 

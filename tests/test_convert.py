@@ -24,9 +24,10 @@ from radflow.dicom.convert import (
     convert_shard,
     convert_unit,
 )
-from radflow.dicom.index import build_index, list_files
+from radflow.dicom.index import build_index
 from radflow.dicom.nifti import read_image
 from radflow.dicom.reader import ConversionError, load_slices, stack_geometry
+from radflow.files import list_files
 
 from dcm2niix_reference import (
     assert_engine_output,
@@ -644,54 +645,3 @@ def test_convert_settings_checked_by_schema_and_config(tmp_path):
     config["convert"]["gantry_tilt"] = "straighten"
     with pytest.raises(ConfigError, match="convert.gantry_tilt: 'straighten' is not one of"):
         check_config(config)
-
-
-@pytest.mark.parametrize(
-    ("implicit", "little_endian"), [(True, True), (False, True), (False, False)]
-)
-def test_raw_header_values_read_as_pydicom_reads_them(implicit, little_endian):
-    """convert's quick parse of raw DS/US/CS elements (`_get`) gives the values pydicom's
-    `ds.get` gives, including the cases it hands back to pydicom (empty, non-numeric,
-    several values, values with padding)."""
-    from pydicom.dataelem import RawDataElement
-    from pydicom.tag import Tag
-
-    from radflow.dicom.reader import _attr, _get
-
-    raw = {
-        "ImagePositionPatient": b" -12.5\\3e2\\+0.25 ",
-        "PixelSpacing": b"0.7\\0.7\x00",
-        "ImageOrientationPatient": b"1\\0\\0\\0\\\\0",  # an empty value
-        "RescaleSlope": b"abc ",  # not a number: pydicom decides
-        "RescaleIntercept": b"-1024",
-        "SliceThickness": b"",
-        "Rows": (512).to_bytes(2, "little" if little_endian else "big"),
-        "Columns": (7).to_bytes(2, "little" if little_endian else "big") * 2,  # two values
-        "PhotometricInterpretation": b"MONOCHROME2 ",
-        "ImageType": b"ORIGINAL\\PRIMARY",
-    }
-    vrs = {"Rows": "US", "Columns": "US", "PhotometricInterpretation": "CS", "ImageType": "CS"}
-
-    def dataset() -> Dataset:
-        elements = {}
-        for keyword, value in raw.items():
-            tag = Tag(keyword)
-            vr = None if implicit else vrs.get(keyword, "DS")
-            elements[tag] = RawDataElement(tag, vr, len(value), value, 0, implicit, little_endian)
-        return Dataset(elements)
-
-    for keyword in [*raw, "SpacingBetweenSlices"]:
-        try:
-            expected = dataset().get(keyword, "absent")
-        except ValueError as exc:  # pydicom itself fails on some values: so must _get
-            with pytest.raises(type(exc)):
-                _get(dataset(), keyword, "absent")
-            continue
-        got = _get(dataset(), keyword, "absent")
-        if isinstance(expected, (list, pydicom.multival.MultiValue)):
-            assert list(got) == list(expected), keyword
-        else:
-            assert got == expected and type(got) is not bytes, keyword
-    with pytest.raises(AttributeError):
-        _attr(dataset(), "SpacingBetweenSlices")
-    assert _attr(dataset(), "Rows") == 512

@@ -1,27 +1,18 @@
 """Convert the image units of one shard from DICOM to NIfTI-1 (.nii.gz + JSON sidecar).
 
-Two routes, chosen per unit (`choose_route`) and written in the sidecar with the reason:
-
-- **dcm2niix** (`radflow.dicom.engine`), the default for every cross-sectional unit (CT,
-  MR, PT...): Siemens mosaics, enhanced multi-frame, 4D series (fMRI, diffusion, ASL,
-  multi-phase), gantry tilt and uneven spacing are dcm2niix's, as the field validates
-  them. radflow keeps dcm2niix's voxels and geometry bit for bit (the data bytes and
-  affine, scl_slope/scl_inter included) and replaces only what may carry PHI: the NIfTI
-  descrip (dcm2niix writes the acquisition time there), aux_file, intent_name, db_name and
-  any header extension; dcm2niix's own sidecar is never copied, only its whitelisted
-  acquisition fields (`ENGINE_SIDECAR_FIELDS`); .bval/.bvec files are copied as they are.
-  4D units keep dcm2niix's layout (x, y, z, volume) and volume order.
-- **radflow** (`radflow.dicom.reader`), where dcm2niix is wrong or unable (each case has a
-  test): projection radiographs (dcm2niix writes 1 mm for ImagerPixelSpacing and does not
-  invert MONOCHROME1), MONOCHROME1 and Modality LUT series (dcm2niix neither inverts nor
-  applies the LUT), the deflate transfer syntax (dcm2niix cannot read it), signed 8-bit
-  pixels (dcm2niix reads them unsigned) and 16-bit lossless JPEG with a predictor other
-  than 1 (dcm2niix v1.0.20260724 decodes predictor 6 wrongly). That reader handles single
-  images and regular stacks only; a unit that needs more (a mosaic, 4D, tilt, uneven
-  spacing, multi-frame) fails with a reason naming both limits, never a wrong image.
-
-Outputs are written atomically (temporary name, then rename); a failed unit removes its
-stale outputs and is listed with its reason in the manifest.
+Two routes, chosen per unit (`choose_route`; the README's table says why) and written in
+the sidecar with the reason:
+- **dcm2niix** (`radflow.dicom.engine`) for every cross-sectional unit. Its voxel bytes,
+  data type, scl_slope/scl_inter and affine are kept bit for bit; only what may carry PHI
+  is replaced (descrip holds the acquisition time, aux_file ImageComments; intent_name,
+  db_name, extensions); its sidecar is never copied, only `ENGINE_SIDECAR_FIELDS`;
+  .bval/.bvec are copied. 4D units keep dcm2niix's (x, y, z, volume) layout and order.
+- **radflow** (`radflow.dicom.reader`) where dcm2niix is wrong or unable: radiographs,
+  MONOCHROME1, Modality LUT, deflate, signed 8-bit, 12-bit JPEG, lossless JPEG predictor
+  other than 1, J2K signedness contradicting the header, files without preamble. It reads
+  single images and regular stacks only; a unit needing more fails with both reasons.
+Outputs are written atomically; a failed unit removes its stale outputs and is listed with
+its reason in the manifest.
 """
 
 from __future__ import annotations

@@ -1,23 +1,14 @@
 """dcm2niix as the pixel and geometry engine of cross-sectional units.
 
-`run_dcm2niix` converts one unit's files (linked into a private temporary folder, so that
-dcm2niix sees exactly the unit) to uncompressed NIfTI with its JSON sidecars, and
-`pick_output` chooses which of the images it wrote is the unit:
-
-- dcm2niix's file names carry what it split or corrected, as suffixes after the base
-  name: "_e2" (echo 2), "_ph" / "_real" / "_imaginary" (complex part), "_ADC" (a
-  diffusion series with its derived trace volume), "_i00002" (images it could not
-  stack), "_Eq_1" (uneven slices resampled to equal spacing), "_Tilt_1" (gantry tilt
-  corrected), "_Tilt_Eq_1" (both).
-- Images that differ only by "_Eq"/"_Tilt" are versions of one image: the corrected one is
-  taken (convert.uneven_spacing: resample, convert.gantry_tilt: correct, the defaults) or
-  the unit fails with the reason ("reject").
-- Of several distinct images, the one whose suffix tokens match the unit's keys (echo 2 ->
-  "e2") is the unit; with no match the unit fails with dcm2niix's suffixes in the reason,
-  never a guess.
-
-The binary is the one shipped by the `dcm2niix` PyPI package (pinned in pyproject.toml and
-envs/dicom.yaml); `dcm2niix_version` is recorded in every sidecar.
+`run_dcm2niix` converts one unit's files (symlinked into a private temporary folder, so
+dcm2niix sees exactly the unit) to uncompressed NIfTI plus sidecars; `pick_output` takes
+the unit's image among those it wrote. dcm2niix's file-name suffixes say what it split or
+corrected: "_e2" (echo), "_ph"/"_real"/"_imaginary", "_ADC" (diffusion with its trace),
+"_i00002" (not stackable), "_Eq_1" (equal spacing), "_Tilt_1", "_Tilt_Eq_1". Versions that
+differ by "_Eq"/"_Tilt" are one image: the corrected one is taken, or the unit fails when
+the config says "reject". Of several distinct images the one whose tokens match the unit's
+keys is taken; with no match the unit fails naming dcm2niix's suffixes, never a guess.
+The binary is the `dcm2niix` PyPI package's (pinned); its version goes in every sidecar.
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@
 `read_file_record` classifies one file (image, or why not: not DICOM, empty, truncated,
 non-image object, colour or syntax problems found later...) and keeps the few header
 values the index needs; `scan_files` does it for a whole tree in parallel processes.
-Also here: listing a DICOM tree (`list_files`, `tree_fingerprint`), functional-group
-access for enhanced multi-frame files, and the one set of geometric tolerances
+Also here: functional-group access for enhanced multi-frame files, and the one set of geometric tolerances
 (`SAME_POSITION_MM`, `ORIENTATION_TOLERANCE`) that grouping and conversion share.
 
 Identifier values (patient ids, UIDs, label keys) stay in memory in the records; only
@@ -20,7 +19,6 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -447,54 +445,6 @@ def _read_header(fh: Any, tags: Sequence[str | int]) -> pydicom.Dataset:
 def _read_chunk(args: tuple[str, list[str], str, str]) -> list[FileRecord]:
     root, rels, patient_key, label_key = args
     return [read_file_record(root, rel, patient_key, label_key) for rel in rels]
-
-
-def list_files(dicom_root: str | os.PathLike) -> list[str]:
-    """Every non-hidden file under `dicom_root`, as sorted POSIX paths relative to it.
-
-    Hidden files and folders (name starting with ".") are skipped. Symbolic links to
-    folders are followed once (a link loop is not descended twice).
-    """
-    root = os.path.abspath(dicom_root)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"DICOM root {dicom_root} is not a folder")
-    out: list[str] = []
-    seen: set[str] = set()
-    for folder, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_folder = os.path.relpath(folder, root)
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            rel = name if rel_folder == "." else os.path.join(rel_folder, name)
-            if os.path.isfile(os.path.join(root, rel)):
-                out.append(Path(rel).as_posix())
-    return sorted(out)
-
-
-def tree_fingerprint(dicom_root: str | os.PathLike, files: list[str] | None = None) -> str:
-    """A short hash of every indexed file's relative path, size and modification time.
-
-    Used as a Snakemake parameter of the index rule: adding, removing or replacing a file
-    changes it and reruns the index, while an untouched tree reruns nothing. Costs one
-    stat per file (about a second for 10^5 files), no reads. `files`: the tree's
-    `list_files(dicom_root)` when the caller has it already.
-    """
-    import hashlib
-
-    root = Path(dicom_root)
-    if not root.is_dir():
-        return "missing"
-    digest = hashlib.sha256()
-    for rel in list_files(root) if files is None else files:
-        stat = (root / rel).stat()
-        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def scan_files(

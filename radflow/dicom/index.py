@@ -17,10 +17,9 @@ about the labels table name the file, column and line, never a value.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +36,12 @@ from radflow.dicom.headers import (  # noqa: F401  (re-exported: the index's pub
     REASON_NOT_DICOM,
     REASON_TRUNCATED_HEADER,
     FileRecord,
-    list_files,
     read_file_record,
     scan_files,
-    tree_fingerprint,
 )
 from radflow.dicom.units import REASON_LOCALIZER, REASON_OFF_STACK, group_units
+from radflow.files import list_files, tree_fingerprint  # noqa: F401
+from radflow.labels import Annotation, join_annotations, read_annotations, read_labels  # noqa: F401
 from radflow.tables import read_table, write_bytes_atomic, write_tsv  # noqa: F401
 
 #: Reasons that end in file-specific details "(...)"; the summary counts them by prefix.
@@ -78,100 +77,6 @@ _ANNOTATION_COLUMNS = [C.SERIES_PID, C.ROW_PX, C.COL_PX, C.DIAMETER_MM]
 
 
 # ------------------------------------------------------------------- tables in
-def _require_columns(table: pd.DataFrame, path: str | os.PathLike, columns: Iterable[str]) -> None:
-    for column in columns:
-        if column not in table.columns:
-            present = ", ".join(repr(c) for c in table.columns)
-            raise ValueError(
-                f"{path}: no column {column!r} (columns present: {present}); "
-                "check the label_key / label_column settings"
-            )
-
-
-def _line(row_index: int) -> int:
-    """File line of a 0-based data row (line 1 is the header)."""
-    return row_index + 2
-
-
-def read_labels(
-    labels_table: str | os.PathLike,
-    *,
-    label_key: str,
-    label_column: str,
-    positive_value: str,
-) -> dict[str, int]:
-    """{key value: 0/1} from the labels table.
-
-    The `positive_value` (compared as stripped strings) maps to 1, every other non-empty
-    value to 0. Raises ValueError, naming file, column and line but never a key value, on a
-    missing column, no rows, an empty key or label, conflicting duplicate keys, or no
-    positive row.
-    """
-    table = read_table(labels_table)
-    _require_columns(table, labels_table, [label_key, label_column])
-    if table.empty:
-        raise ValueError(f"{labels_table}: the labels table has no rows")
-    positive = str(positive_value).strip()
-    labels: dict[str, int] = {}
-    first_line: dict[str, int] = {}
-    for i, (key_value, raw) in enumerate(zip(table[label_key], table[label_column], strict=True)):
-        if not key_value:
-            raise ValueError(f"{labels_table}: empty {label_key!r} at line {_line(i)}")
-        if not raw:
-            raise ValueError(f"{labels_table}: empty {label_column!r} at line {_line(i)}")
-        value = 1 if raw == positive else 0
-        if key_value in labels and labels[key_value] != value:
-            raise ValueError(
-                f"{labels_table}: lines {first_line[key_value]} and {_line(i)} give conflicting "
-                f"{label_column!r} values for the same {label_key!r}"
-            )
-        labels[key_value] = value
-        first_line.setdefault(key_value, _line(i))
-    if labels and not any(labels.values()):
-        raise ValueError(
-            f"{labels_table}: no row of column {label_column!r} equals the positive value "
-            f"{positive!r}; check the positive_value setting"
-        )
-    return labels
-
-
-@dataclass(frozen=True)
-class Annotation:
-    key: str
-    row_px: float
-    col_px: float
-    diameter_mm: float
-    line: int
-
-
-def read_annotations(annotations_table: str | os.PathLike, *, label_key: str) -> list[Annotation]:
-    """Lesion points keyed like the labels table: columns `label_key`, row_px, col_px
-    (0-based pixel indices in the stored DICOM image, may be fractional) and diameter_mm.
-    Raises ValueError naming file, column and line on a missing or invalid cell."""
-    table = read_table(annotations_table)
-    columns = [label_key, C.ROW_PX, C.COL_PX, C.DIAMETER_MM]
-    _require_columns(table, annotations_table, columns)
-    out = []
-    for i, row in enumerate(table[columns].itertuples(index=False, name=None)):
-        if not row[0]:
-            raise ValueError(f"{annotations_table}: empty {label_key!r} at line {_line(i)}")
-        numbers = []
-        for column, text in zip(columns[1:], row[1:], strict=True):
-            try:
-                x = float(text)
-            except ValueError:
-                x = math.nan
-            if not math.isfinite(x) or x < 0 or (column == C.DIAMETER_MM and x == 0):
-                raise ValueError(
-                    f"{annotations_table}: {column!r} at line {_line(i)} is not a "
-                    + ("positive" if column == C.DIAMETER_MM else "non-negative")
-                    + " number"
-                )
-            numbers.append(x)
-        out.append(Annotation(row[0], *numbers, line=_line(i)))
-    return out
-
-
 # --------------------------------------------------------------------- result
 @dataclass
 class IndexResult:
@@ -279,26 +184,6 @@ def read_shard_files(path: str | os.PathLike) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ the index
-class _Pseudonyms:
-    """conventions.pseudonym with a collision check per kind."""
-
-    def __init__(self, key: bytes):
-        self.key = key
-        self.seen: dict[str, dict[str, str]] = defaultdict(dict)
-
-    def __call__(self, kind: str, identifier: str) -> str:
-        # undecodable bytes in file names must not break hashing
-        identifier = identifier.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        pid = C.pseudonym(self.key, kind, identifier)
-        known = self.seen[kind].setdefault(pid, identifier)
-        if known != identifier:
-            raise RuntimeError(
-                f"pseudonym collision: two distinct {kind!r} identifiers map to {pid}; "
-                "raise conventions.PSEUDONYM_HEX_CHARS"
-            )
-        return pid
-
-
 def _check_keyword(keyword: str, what: str) -> None:
     if tag_for_keyword(keyword) is None:
         raise ValueError(f"{what} {keyword!r} is not a DICOM keyword (e.g. 'AccessionNumber')")
@@ -356,7 +241,7 @@ def build_index(
         threads=threads,
         progress=progress,
     )
-    pseudo = _Pseudonyms(key)
+    pseudo = C.Pseudonyms(key)
     file_id = {rec.path: pseudo("file", rec.path) for rec in records}
 
     # Rows (file_id, series_pid, path, reason). Files of excluded units go only to the
@@ -451,7 +336,7 @@ def build_index(
 
     # Keys of units that were found at all, for the "label matches no unit" count.
     found_keys = {unit.files[0].label_value for unit in units}
-    annotation_rows, annotation_counts = _join_annotations(
+    annotation_rows, annotation_counts = join_annotations(
         annotations, units_of_key, {f.label_value for unit in units for f in unit.files}
     )
 
@@ -531,25 +416,3 @@ def _unit_problem(files: Sequence[FileRecord], label_key: str, patient_key: str)
     if "" in label_values:
         return f"no {label_key} in the DICOM header"
     return ""
-
-
-def _join_annotations(
-    annotations: Sequence[Annotation],
-    units_of_key: dict[str, list[dict[str, Any]]],
-    all_keys: set[str],
-) -> tuple[list[tuple[str, float, float, float]], dict[str, int]]:
-    rows = []
-    counts = Counter(n_annotations=len(annotations), rows_written=0, unmatched=0,
-                     no_kept_2d_unit=0, outside_image=0)  # fmt: skip
-    for ann in annotations:
-        targets = units_of_key.get(ann.key, [])
-        if not targets:
-            counts["no_kept_2d_unit" if ann.key in all_keys else "unmatched"] += 1
-            continue
-        for unit in targets:
-            if ann.row_px > unit["rows"] - 1 or ann.col_px > unit["columns"] - 1:
-                counts["outside_image"] += 1
-                continue
-            rows.append((unit[C.SERIES_PID], ann.row_px, ann.col_px, ann.diameter_mm))
-            counts["rows_written"] += 1
-    return rows, dict(counts)

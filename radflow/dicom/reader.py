@@ -26,22 +26,15 @@ brighter: new = lo + hi - value over the range BitsStored can represent after re
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.charset import default_encoding
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
 )
 
 from radflow.dicom.headers import ORIENTATION_TOLERANCE, SAME_POSITION_MM
@@ -52,8 +45,6 @@ from radflow.dicom.syntax import DecodeError, decode_pixels, syntax_problem, tra
 SLICE_STEP_TOLERANCE_MM = 0.01
 SLICE_STEP_TOLERANCE_REL = 0.01
 _DEFER_BYTES = 64 * 1024
-_PIXEL_DATA = 0x7FE00010
-_NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 
 
@@ -72,57 +63,8 @@ class Geometry:
     notes: dict[str, Any]
 
 
-_MISSING = object()
-
-
-@functools.cache
-def _tag_and_vr(keyword: str) -> tuple[int, str]:
-    tag = tag_for_keyword(keyword)
-    return tag, dictionary_VR(tag)
-
-
-def _get(ds: pydicom.Dataset, keyword: str, default: Any = None) -> Any:
-    """`ds.get(keyword, default)` for the header elements conversion reads per slice.
-
-    Why not `ds.get`: pydicom's value conversion (hooks, DSfloat and MultiValue objects)
-    costs ~30 us an element, which dominated conversion time for series of many small
-    files. So an element still as read from the file (raw) is parsed here when that is
-    exact: DS text whose every value is a number (-> float, or a list of floats for
-    several values; pydicom's DSfloat is float() of the same text), a US of one value
-    (-> int) and CS text of one value (-> str, decoded and stripped as pydicom does).
-    Everything else (other VRs, empty or non-numeric text, values already
-    converted or set in code) goes through `ds.get`, so callers see the same numbers.
-    The dataset is not modified (pydicom would replace the raw element by its value).
-    """
-    tag, dictionary_vr = _tag_and_vr(keyword)
-    elem = ds.get_item(tag, keep_deferred=True)
-    if elem is None:
-        return default
-    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
-        vr = elem.VR or dictionary_vr  # implicit VR files: the dictionary's VR, as pydicom
-        if vr == "DS":
-            # as pydicom: decoded as ISO 8859-1, trailing spaces/NULs removed, split on "\"
-            items = elem.value.decode(default_encoding).rstrip(" \x00").split("\\")
-            try:
-                values = [float(item) for item in items]
-            except ValueError:
-                return ds.get(keyword, default)
-            return values[0] if len(values) == 1 else values
-        if vr == "CS" and b"\\" not in elem.value:
-            return elem.value.decode(default_encoding).rstrip(" \x00")
-        if vr == "US" and len(elem.value) == 2:
-            return int.from_bytes(elem.value, "little" if elem.is_little_endian else "big")
-    return ds.get(keyword, default)
-
-
-def _attr(ds: pydicom.Dataset, keyword: str) -> Any:
-    """`ds.<keyword>` through `_get`: a missing element raises pydicom's AttributeError."""
-    value = _get(ds, keyword, _MISSING)
-    return getattr(ds, keyword) if value is _MISSING else value
-
-
 def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
-    value = _get(ds, keyword)
+    value = ds.get(keyword)
     if value is None or isinstance(value, (str, bytes)):
         return None
     try:
@@ -130,14 +72,6 @@ def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
     except (TypeError, ValueError):
         return None
     return out if out.shape == (n,) and np.all(np.isfinite(out)) else None
-
-
-def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
-    try:
-        value = float(_get(ds, keyword))
-    except (TypeError, ValueError):
-        return None
-    return value if np.isfinite(value) else None
 
 
 def ras_affine(
@@ -305,8 +239,8 @@ def stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
 
 def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
     try:
-        slope = float(_get(ds, "RescaleSlope", 1) or 1)
-        intercept = float(_get(ds, "RescaleIntercept", 0) or 0)
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
     except (TypeError, ValueError) as exc:
         raise ConversionError("RescaleSlope or RescaleIntercept is not a number") from exc
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
@@ -332,7 +266,7 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
         if problem:
             raise ConversionError(problem)
         photometrics.add(photometric)
-        sizes.add((int(_attr(ds, "Rows")), int(_attr(ds, "Columns"))))
+        sizes.add((int(ds.Rows), int(ds.Columns)))
     if len(sizes) > 1:
         shown = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
         raise ConversionError(f"image sizes (rows x columns) differ between slices: {shown}")
@@ -343,8 +277,8 @@ def _check_pixels(datasets: Sequence[pydicom.Dataset]) -> str:
 
 def grayscale_photometric(ds: pydicom.Dataset) -> str:
     """PhotometricInterpretation of a grayscale image; ConversionError for colour."""
-    photometric = str(_get(ds, "PhotometricInterpretation", "")).strip().upper()
-    samples = int(_get(ds, "SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if photometric not in _GRAYSCALE or samples != 1:
         raise ConversionError(
             f"colour image (PhotometricInterpretation {photometric or 'missing'}) "
@@ -353,68 +287,12 @@ def grayscale_photometric(ds: pydicom.Dataset) -> str:
     return photometric
 
 
-def _native_dtype(ds: pydicom.Dataset, syntax: str) -> np.dtype | None:
-    """The array type of uncompressed single-sample pixel data of 8, 16 or 32 bits
-    allocated, as pydicom decodes it; None for anything else."""
-    try:
-        bits = int(_attr(ds, "BitsAllocated"))
-        signed = int(_attr(ds, "PixelRepresentation")) == 1
-        samples = int(_get(ds, "SamplesPerPixel", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
-        return None
-    if samples != 1 or bits not in (8, 16, 32):
-        return None
-    order = ">" if syntax == ExplicitVRBigEndian else "<"
-    return np.dtype(f"{order}{'i' if signed else 'u'}{bits // 8}")
-
-
-def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
-    """Uncompressed pixel data of a single-frame dataset, taken from the dataset or, when
-    deferred, read from the offset its header recorded: what pydicom's native decoder
-    does, without its per-call set-up (which dominates for small images) and without
-    loading the value into `ds`. None when not applicable or the data are short."""
-    syntax = transfer_syntax(ds)
-    element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
-    dtype = _native_dtype(ds, syntax) if syntax in _NATIVE_SYNTAXES else None
-    if dtype is None or element is None:
-        return None
-    rows, cols = int(_attr(ds, "Rows")), int(_attr(ds, "Columns"))
-    size = rows * cols * dtype.itemsize
-    value = element.value
-    length = len(value) if isinstance(value, bytes) else getattr(element, "length", 0)
-    if not 0 < size <= length < 0xFFFFFFFF:
-        return None
-    if value is None:  # deferred: read it where the header found it
-        filename = getattr(ds, "filename", None)
-        if not isinstance(filename, str):
-            return None
-        with open(filename, "rb") as fh:
-            fh.seek(element.value_tell)
-            data = fh.read(size)
-    else:
-        data = value
-    if len(data) < size:
-        return None
-    pixels = np.frombuffer(data, dtype, count=size // dtype.itemsize)
-    pixels = pixels.reshape(rows, -1).astype(dtype.newbyteorder("="))
-    # Bits above BitsStored are undefined (old overlays live there) and a signed value's
-    # sign bit is bit BitsStored - 1: mask or sign-extend, as pydicom's decoder does.
-    unused = dtype.itemsize * 8 - int(_get(ds, "BitsStored") or dtype.itemsize * 8)
-    if 0 < unused < dtype.itemsize * 8:
-        if dtype.kind == "i":
-            pixels = (pixels << unused) >> unused  # arithmetic shift keeps the sign
-        else:
-            pixels &= (1 << (dtype.itemsize * 8 - unused)) - 1
-    return pixels
-
-
 def slice_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """Stored pixel values (rows, columns) of one single-frame slice. The only place this
-    path decodes pixel data: uncompressed data directly (`_native_pixels`), the rest by
-    the pinned decoder."""
+    """Stored pixel values (rows, columns) of one single-frame slice, by the pinned decoder
+    (`radflow.dicom.syntax`); bits above BitsStored are masked (sign-extended for signed
+    data) as pydicom does. The only place this path decodes pixel data."""
     try:
-        native = _native_pixels(ds)
-        return native if native is not None else decode_pixels(ds)
+        return decode_pixels(ds)
     except DecodeError as exc:
         raise ConversionError(str(exc)) from exc
 
@@ -452,7 +330,7 @@ def build_volume(
         if lut:
             ranges.append(_lut_range(ds))
             continue
-        bits, signed = int(_attr(ds, "BitsStored")), int(_attr(ds, "PixelRepresentation")) == 1
+        bits, signed = int(ds.BitsStored), int(ds.PixelRepresentation) == 1
         lo, hi = stored_range(bits, signed)
         ends = (slope * lo + intercept, slope * hi + intercept)
         ranges.append((min(ends), max(ends)))
@@ -465,7 +343,7 @@ def build_volume(
     integral = integral and -(2**31) <= lo_possible and hi_possible < 2**31
     work_dtype = np.int64 if integral else np.float64
     inverted = photometric == "MONOCHROME1"
-    rows, cols = int(_attr(datasets[0], "Rows")), int(_attr(datasets[0], "Columns"))
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
     int16 = np.iinfo(np.int16)
     # decoded one slice at a time into the final type: int16 until a slice needs int32
     volume = np.empty((len(datasets), rows, cols), np.int16 if integral else np.float32)
