@@ -28,7 +28,8 @@ background load hits every tool alike), it converts the whole data set with
     from PATH). The output says which ran.
 Measured per tool: wall time from start to exit (median of the repeats) and peak memory:
 the peak, sampled every 10 ms, of the PSS and of the RSS summed over the process tree
-(PSS counts pages shared between processes once, RSS once per process). Also measured:
+(PSS counts pages shared between processes once, RSS once per process; a child caught
+between vfork and exec, which still shares its parent's memory, is not counted twice). Also measured:
 an idle Python that only imports radflow.dicom.convert (the interpreter baseline, ~80-100
 MiB, which dominates radflow's peak on small series).
 Printed ratios radflow / dcm2niix (targets: <= 1.2 for wall time and for peak memory):
@@ -186,23 +187,36 @@ def radflow_cmd(tsvs: list[Path], root: Path, out: Path, threads: int, level: in
 
 
 # ------------------------------------------------------------------ measuring
+def _vm(pid: int) -> tuple[str, str, str]:
+    """(executable, vsize, rss) of a process, from /proc: equal for two processes that
+    share one address space."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return os.readlink(f"/proc/{pid}/exe"), fields[20], fields[21]
+
+
 def _tree_memory(pid: int) -> tuple[int, int]:
     """(PSS, RSS) in bytes of a process and its descendants, summed. PSS counts pages
-    shared between them (forked workers, libraries) once, RSS once per process."""
-    pss, rss, stack = 0, 0, [pid]
+    shared between them (forked workers, libraries) once, RSS once per process. A child
+    caught between vfork and exec (Python starts dcm2niix that way) still runs in its
+    parent's address space and would report the parent's memory a second time: a child
+    with its parent's executable, virtual size and resident size is skipped."""
+    pss, rss, stack = 0, 0, [(pid, None)]
     while stack:
-        p = stack.pop()
+        p, parent_vm = stack.pop()
         try:
-            with open(f"/proc/{p}/smaps_rollup") as fh:
-                for line in fh:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1]) * 1024
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
+            vm = _vm(p)
+            if vm != parent_vm:
+                with open(f"/proc/{p}/smaps_rollup") as fh:
+                    for line in fh:
+                        if line.startswith("Rss:"):
+                            rss += int(line.split()[1]) * 1024
+                        elif line.startswith("Pss:"):
+                            pss += int(line.split()[1]) * 1024
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as fh:
-                    stack += [int(c) for c in fh.read().split()]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
+                    stack += [(int(c), vm) for c in fh.read().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
             continue
     return pss, rss
 

@@ -285,7 +285,7 @@ def test_choose_route(case, route, reason, tmp_path):
     assert row[C.STATUS] == C.STATUS_OK, row[C.REASON]
     meta = _sidecar(tmp_path / "out")
     assert row["route"] == meta["route"] == route and meta["route_reason"] == got_reason
-    assert ("dcm2niix_version" in meta) == (route == "dcm2niix")
+    assert "dcm2niix_version" in meta and ("dcm2niix" in meta) == (route == "dcm2niix")
 
 
 def test_decoder_is_pinned():

@@ -347,6 +347,7 @@ def convert_unit(
                 "series_pid": series_pid,
                 "n_files": len(paths),
                 "radflow_version": radflow_version(),
+                "dcm2niix_version": dcm2niix_version(),  # the engine, or what routing judged
                 "route": route,
                 "route_reason": why,
                 "ndim": ndim,
