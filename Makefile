@@ -14,11 +14,12 @@ TORCH_GPU ?= torch>=2.4
 TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: demo test lint report readme-result clean help
+.PHONY: demo test test-fast lint report readme-result clean help
 
 help:
 	@echo "make demo  - install into $(VENV) and run the study on the synthetic cohort"
 	@echo "make test  - install into $(VENV) and run the tests"
+	@echo "make test-fast - the inner loop: every test but the full-DAG runs and SLURM"
 	@echo "make lint  - ruff, snakefmt and snakemake --lint"
 	@echo "make clean - remove results/ and Snakemake's state (keeps data/ and private/)"
 
@@ -41,6 +42,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/pytest
+
+# the inner loop (about a minute): no full Snakemake DAG runs, no SLURM cluster
+test-fast: $(VENV)/.installed
+	$(BIN)/pytest -m "not workflow and not slurm"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check radflow scripts tests benchmarks

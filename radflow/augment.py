@@ -41,38 +41,73 @@ def _uniform(n: int, low: float, high: float, generator, device) -> torch.Tensor
     return low + (high - low) * torch.rand(n, generator=generator, device=device)
 
 
+def _rotation_3d(n: int, max_rad: float, generator, device) -> torch.Tensor:
+    """(n, 3, 3) rotations, each the product of rotations about the three axes by angles
+    drawn uniformly in [-max_rad, max_rad]."""
+    angles = _uniform(3 * n, -1, 1, generator, device).view(n, 3) * max_rad
+    c, s = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones(n, device=device), torch.zeros(n, device=device)
+    rx = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], 1)
+    ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], 1)
+    rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], 1)
+    return rz.view(n, 3, 3) @ ry.view(n, 3, 3) @ rx.view(n, 3, 3)
+
+
+def _spatial_theta(x: torch.Tensor, settings: AugmentSettings, generator) -> torch.Tensor:
+    """The affine_grid matrices (B, 2, 3) or (B, 3, 4) of one batch: rotation, zoom,
+    shift and flip of the last (left-right) axis."""
+    n, device = x.shape[0], x.device
+    if x.dim() == 4:
+        angle = _uniform(n, -1, 1, generator, device) * math.radians(settings.rotation_deg)
+        zoom = _uniform(n, *settings.scale, generator, device)
+        shift = _uniform(2 * n, -1, 1, generator, device).view(n, 2)
+        shift = shift * settings.translate_fraction * 2
+        flip = torch.where(
+            torch.rand(n, generator=generator, device=device) < settings.hflip_probability,
+            -1.0,
+            1.0,
+        )
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        return torch.stack(
+            [
+                torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                torch.stack([sin * flip, cos, shift[:, 1]], 1),
+            ],
+            1,
+        )
+    rotation = _rotation_3d(n, math.radians(settings.rotation_deg), generator, device)
+    zoom = _uniform(n, *settings.scale, generator, device).view(n, 1, 1)
+    shift = _uniform(3 * n, -1, 1, generator, device).view(n, 3, 1)
+    flip = torch.where(
+        torch.rand(n, generator=generator, device=device) < settings.hflip_probability, -1.0, 1.0
+    )
+    linear = rotation / zoom
+    linear[:, :, 0] = linear[:, :, 0] * flip.view(n, 1)  # grid x = the last (W) axis
+    return torch.cat([linear, shift * settings.translate_fraction * 2], dim=2)
+
+
 def augment_batch(
     x: torch.Tensor, settings: AugmentSettings, generator: torch.Generator
 ) -> torch.Tensor:
-    """Augment a batch (B, C, H, W) of normalised images (any intensity scale).
+    """Augment a batch of normalised images (any intensity scale): 2D (B, C, H, W) or 3D
+    (B, C, D, H, W). 3D batches rotate about all three axes by up to `rotation_deg`,
+    with the same zoom, shift, flip and intensity transforms as 2D.
 
     `generator` must live on x's device; it makes the augmentation reproducible.
     Spatial and intensity transforms are drawn independently per image.
     """
     if not settings.enabled:
         return x
-    if x.dim() != 4:
-        raise NotImplementedError("augment_batch handles 2D batches (B, C, H, W) for now")
+    if x.dim() not in (4, 5):
+        raise ValueError(f"augment_batch takes (B, C, H, W) or (B, C, D, H, W), got {x.dim()}D")
     n, device = x.shape[0], x.device
-    angle = _uniform(n, -1, 1, generator, device) * math.radians(settings.rotation_deg)
-    zoom = _uniform(n, *settings.scale, generator, device)
-    shift = _uniform(2 * n, -1, 1, generator, device).view(n, 2) * settings.translate_fraction * 2
-    flip = torch.where(
-        torch.rand(n, generator=generator, device=device) < settings.hflip_probability, -1.0, 1.0
-    )
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack(
-        [
-            torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-            torch.stack([sin * flip, cos, shift[:, 1]], 1),
-        ],
-        1,
-    ).to(x.dtype)
+    theta = _spatial_theta(x, settings, generator).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # pad with each image's own background (its minimum), whatever the intensity scale
-    view = (n, 1, 1, 1)
-    low = x.amin(dim=(1, 2, 3), keepdim=True)
-    high = x.amax(dim=(1, 2, 3), keepdim=True)
+    dims = tuple(range(1, x.dim()))
+    view = (n,) + (1,) * (x.dim() - 1)
+    low = x.amin(dim=dims, keepdim=True)
+    high = x.amax(dim=dims, keepdim=True)
     out = (
         F.grid_sample(x - low, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         + low
@@ -82,7 +117,7 @@ def augment_batch(
     gamma = torch.exp(_uniform(n, *map(math.log, settings.gamma), generator, device)).view(view)
     span = (high - low).clamp_min(1e-6)
     out = ((out - low) / span).clamp(0, 1) ** gamma.to(out.dtype) * span + low
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    mean = out.mean(dim=dims, keepdim=True)
     contrast = _uniform(n, *settings.contrast, generator, device).view(view).to(out.dtype)
     brightness = _uniform(n, -settings.brightness, settings.brightness, generator, device)
     out = (out - mean) * contrast + mean + brightness.view(view).to(out.dtype)

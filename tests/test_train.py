@@ -131,3 +131,33 @@ def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
             dataclasses.replace(SETTINGS, device="cuda", epochs=1),
             checkpoint_path=tmp_path / "m.pt",
         )
+
+
+def _balls(n, seed, size=16):
+    """3D noise volumes (n, 1, size, size, size); positives carry one bright ball."""
+    rng = np.random.default_rng(seed)
+    volumes = rng.normal(0.4, 0.08, (n, 1, size, size, size)).astype(np.float32)
+    labels = np.arange(n) % 2
+    zz, yy, xx = np.mgrid[:size, :size, :size]
+    for i in np.flatnonzero(labels):
+        z, y, x = rng.integers(4, size - 4, 3)
+        volumes[i, 0][np.sqrt((zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2) <= 2.5] += 0.5
+    return volumes.astype(np.float16), labels
+
+
+def test_a_3d_fold_trains_end_to_end_with_3d_augmentation(tmp_path):
+    """A 3D residual network on 3D volumes, with 3D augmentation on the training device:
+    it learns the ball, and its checkpoint predicts volumes."""
+    task = get_task("classification")
+    x, y = _balls(64, 0)
+    vx, vy = _balls(32, 1)
+    settings = dataclasses.replace(
+        SETTINGS, epochs=10, augment=AugmentSettings(rotation_deg=10, noise_std=0.01)
+    )
+    path = tmp_path / "model.pt"
+    history = train_model(task, x, y, vx, vy, settings, threads=2, checkpoint_path=path)
+    assert history["val_auroc"].max() > 0.9
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    model, _ = load_model(path, task, in_channels=1, spatial_dims=3, device=torch.device("cpu"))
+    logits = predict_logits(model, vx, torch.device("cpu"), 8).numpy()
+    assert logits.shape[0] == len(vx) and np.isfinite(logits).all()
