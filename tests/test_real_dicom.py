@@ -338,3 +338,26 @@ def test_outputs_hold_no_phi_or_paths(run):
             head, body = text, ""
         found = every.search(head) or longer.search(body)
         assert found is None, (path.name, found and found[0])
+
+
+def test_mosaic_that_dcm2niix_cannot_read_is_refused_not_passed_as_2d(tmp_path):
+    """A real Siemens mosaic re-saved deflated (a syntax dcm2niix cannot read) goes to
+    radflow's own reader, which cannot unpack mosaics: the unit fails with both reasons
+    rather than coming out as a 2D picture of tiles."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from radflow.dicom.convert import convert_unit
+
+    source = sorted((ROOT / "siemens_mosaic").rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(source)
+    assert "MOSAIC" in ds.ImageType
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "mosaic.dcm", enforce_file_format=True)
+    row = convert_unit("ser-m", "MR", ["mosaic.dcm"], tmp_path / "in", tmp_path / "out")
+    assert (row[C.STATUS], row["route"]) == (C.STATUS_FAILED, "radflow")
+    assert row[C.REASON] == (
+        "Siemens MOSAIC needs dcm2niix to unpack it, but deflated transfer syntax: "
+        "dcm2niix cannot read it"
+    )
+    assert not list((tmp_path / "out").glob("ser-m*"))
