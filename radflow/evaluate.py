@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from radflow.conventions import (
     SPLIT_VAL,
     TEST_FOLD,
 )
+from radflow.tables import atomic_path
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -531,15 +531,8 @@ def _atomic(path: Path) -> Iterator[IO[str]]:
     A crash (or a Snakemake kill) mid-write then never leaves a truncated file that
     looks complete.
     """
-    # Not tempfile.mkstemp: its 0600 mode would stick to the published file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as fh:
-            yield fh
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "x", encoding="utf-8", newline="") as fh:
+        yield fh
 
 
 def _write(path: Path, writer: Callable[[IO[str]], None]) -> Path:

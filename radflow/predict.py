@@ -8,15 +8,13 @@ With `calibrate`, each fold's probabilities are Platt-scaled on its validation f
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pandas as pd
 
 from radflow import conventions as C
 from radflow.calibration import apply_platt, fit_platt
 from radflow.data import PreprocessedStore
 from radflow.split import fold_members
+from radflow.tables import atomic_path
 from radflow.tasks import get_task
 from radflow.train import load_model, predict_logits, resolve_device
 
@@ -71,8 +69,7 @@ def predict_fold(
         a, b = fit_platt(predictions.loc[val, C.LABEL].to_numpy(), predictions.loc[val, C.PROB])
         predictions[C.PROB] = apply_platt(predictions[UNCALIBRATED].to_numpy(), a, b)
         print(f"fold {fold}: Platt scaling on validation predictions: a={a:.3f}, b={b:.3f}")
-    tmp = Path(out_path).with_name(f".{Path(out_path).name}.tmp")
-    predictions.to_csv(tmp, sep="\t", index=False, float_format="%.6f")
-    os.replace(tmp, out_path)
+    with atomic_path(out_path) as tmp:
+        predictions.to_csv(tmp, sep="\t", index=False, float_format="%.6f")
     print(f"fold {fold}: predicted {len(val_rows)} validation and {len(test_rows)} test cases")
     return predictions

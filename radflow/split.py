@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from radflow import conventions as C
+from radflow.tables import atomic_path
 
 
 def split_patients(
@@ -92,9 +93,8 @@ def fold_members(
 def write_split(assignment: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write the split table atomically and log its composition (counts only)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    assignment.to_csv(tmp, sep="\t", index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        assignment.to_csv(tmp, sep="\t", index=False)
     summary = (
         assignment.assign(
             part=assignment[C.SPLIT]

@@ -7,7 +7,10 @@ bytes and modification time (Snakemake's checksum then sees no change).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -65,3 +68,20 @@ def tsv_bytes(table: pd.DataFrame) -> bytes:
 
 def write_tsv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     return write_bytes_atomic(Path(path), tsv_bytes(table))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; when the block ends normally the file
+    is flushed to disk and renamed to `path`, when it raises the file is removed. The name
+    is unique per process and call, so parallel writers never share one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

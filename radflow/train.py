@@ -25,6 +25,7 @@ import torch
 
 from radflow.augment import AugmentSettings, augment_batch
 from radflow.data import BatchIterator
+from radflow.tables import atomic_path
 
 
 @dataclass(frozen=True)
@@ -225,19 +226,17 @@ def train_model(
 
 
 def _save_checkpoint(path, model, settings: TrainSettings, task, epoch: int, row: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(
-        {
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "task": task.name,
-            "settings": asdict(settings),
-            "epoch": epoch,
-            "metrics": row,
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(
+            {
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "task": task.name,
+                "settings": asdict(settings),
+                "epoch": epoch,
+                "metrics": row,
+            },
+            tmp,
+        )
 
 
 def load_model(
@@ -323,9 +322,8 @@ def run_fold(
         progress=lambda epochs: progress(epochs, desc=f"train fold {fold}", unit="epoch"),
     )
     history.insert(0, C.FOLD, fold)
-    tmp = Path(history_path).with_name(f".{Path(history_path).name}.tmp")
-    history.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    os.replace(tmp, history_path)
+    with atomic_path(history_path) as tmp:
+        history.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
     os.replace(staging_path, model_path)
     best = (
         history.loc[history[task.monitor].idxmax()]
