@@ -105,8 +105,8 @@ def run_cam_figures(
     Returns the pointing-game counts for the log."""
     from radflow.data import PreprocessedStore
     from radflow.figures import plot_cam_grid
+    from radflow.inference import load_model
     from radflow.tasks import get_task
-    from radflow.train import load_model
 
     torch.set_num_threads(max(1, threads))
     task = get_task(task_name)

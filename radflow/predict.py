@@ -13,10 +13,10 @@ import pandas as pd
 from radflow import conventions as C
 from radflow.calibration import apply_platt, fit_platt
 from radflow.data import PreprocessedStore
+from radflow.inference import load_model, predict_logits, resolve_device
 from radflow.split import fold_members
 from radflow.tables import atomic_path
 from radflow.tasks import get_task
-from radflow.train import load_model, predict_logits, resolve_device
 
 UNCALIBRATED = f"{C.PROB}_uncalibrated"
 

@@ -25,6 +25,7 @@ import torch
 
 from radflow.augment import AugmentSettings, augment_batch
 from radflow.data import BatchIterator
+from radflow.inference import predict_logits, resolve_device, to_device
 from radflow.tables import atomic_path
 
 
@@ -54,18 +55,6 @@ class TrainSettings:
         return cls(**cfg, augment=augment, model=dict(model_cfg), seed=seed)
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"train.device is {requested!r} but PyTorch sees no CUDA device "
-            f"(torch {torch.__version__}); set train.device: auto or cpu, or install a CUDA build"
-        )
-    return device
-
-
 def seed_everything(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, threads))
@@ -78,36 +67,6 @@ def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.no_grad()
-def predict_logits(
-    model,
-    images: np.ndarray,
-    device: torch.device,
-    batch_size: int,
-    channels_last: bool = False,
-    autocast_dtype=None,
-) -> torch.Tensor:
-    """Raw model outputs (on the CPU, float32) for an array of cases (N, C, *spatial)."""
-    model.eval()
-    logits = []
-    dummy_targets = np.zeros(len(images), dtype=np.int64)
-    loader = BatchIterator(
-        images, dummy_targets, np.arange(len(images)), batch_size, pin_memory=device.type == "cuda"
-    )
-    for x, _ in loader:
-        x = _to_device(x, device, channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits.append(model(x).float().cpu())
-    return torch.cat(logits) if logits else torch.empty(0)
-
-
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True).float()
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def train_model(
@@ -183,7 +142,7 @@ def train_model(
         )
         t_data = time.perf_counter()
         for x, y in loader:
-            x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
+            x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
             data_wait += time.perf_counter() - t_data
             x = augment_batch(x, settings.augment, augment_gen)
             with torch.autocast(
@@ -237,23 +196,6 @@ def _save_checkpoint(path, model, settings: TrainSettings, task, epoch: int, row
             },
             tmp,
         )
-
-
-def load_model(
-    checkpoint_path: str | os.PathLike,
-    task,
-    *,
-    in_channels: int,
-    spatial_dims: int,
-    device: torch.device,
-):
-    """Rebuild a trained model from its checkpoint (weights only; no pickled code)."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    model = task.build_model(
-        checkpoint["settings"]["model"], in_channels=in_channels, spatial_dims=spatial_dims
-    )
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval(), checkpoint
 
 
 # ------------------------------------------------------------------ stage entry

@@ -8,8 +8,9 @@ import torch
 
 from radflow.augment import AugmentSettings
 from radflow.gradcam import cam_hits_lesion, ensemble_cam
+from radflow.inference import load_model, predict_logits
 from radflow.tasks import get_task
-from radflow.train import TrainSettings, load_model, predict_logits, train_model
+from radflow.train import TrainSettings, train_model
 
 SIZE = 32
 
