@@ -1,5 +1,6 @@
 import dataclasses
 
+import pytest
 import torch
 
 from radflow.augment import AugmentSettings, augment_batch
@@ -27,8 +28,9 @@ def test_disabled_augmentation_is_identity():
     assert out is x
 
 
-def test_zero_ranges_reproduce_the_input():
-    x = _batch()
+@pytest.mark.parametrize("dims", [2, 3])
+def test_zero_ranges_reproduce_the_input(dims):
+    x = _batch() if dims == 2 else _volume_batch()
     out = augment_batch(x, NEUTRAL, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
 
@@ -62,12 +64,6 @@ def _volume_batch():
     x = torch.zeros(2, 1, 16, 20, 24)
     x[:, :, 3:6, 4:8, 15:20] = 1.0
     return x
-
-
-def test_3d_zero_ranges_reproduce_the_input():
-    x = _volume_batch()
-    out = augment_batch(x, NEUTRAL, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
 
 
 def test_3d_flip_mirrors_the_left_right_axis_only():

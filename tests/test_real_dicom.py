@@ -80,30 +80,41 @@ def _headers(root: Path) -> dict[str, pydicom.Dataset]:
     return out
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    binary = _dcm2niix()
-    base = tmp_path_factory.mktemp("real")
-    headers = _headers(ROOT)
+def _index_and_convert(root: Path, headers: dict[str, pydicom.Dataset], base: Path):
+    """Index `root` (every series labelled) and convert every shard, as the workflow does;
+    returns (index result, manifests, results folder, private folder)."""
     uids = sorted({str(ds.SeriesInstanceUID) for ds in headers.values()})
     labels = base / "labels.csv"
     pd.DataFrame({"SeriesInstanceUID": uids, "label": "1"}).to_csv(labels, index=False)
     results, private = base / "results", base / "private"
-    start = time.perf_counter()
-    index = build_index(ROOT, labels, label_key="SeriesInstanceUID", label_column="label",
+    index = build_index(root, labels, label_key="SeriesInstanceUID", label_column="label",
                         positive_value="1", patient_key="PatientID", key=KEY,
                         n_shards=N_SHARDS, threads=2, progress=False)  # fmt: skip
     index.write(results / "index", private)
     manifests = []
     for shard in range(N_SHARDS):
         name = C.shard_name(shard)
-        manifests.append(convert_shard(private / C.SHARD_INDEX_DIR / f"{name}.tsv", ROOT,
+        manifests.append(convert_shard(private / C.SHARD_INDEX_DIR / f"{name}.tsv", root,
                                        results / "nifti" / name, threads=2, progress=False))  # fmt: skip
-    seconds = time.perf_counter() - start
-    reference = base / "dcm2niix"
+    return index, manifests, results, private
+
+
+def _dcm2niix_tree(binary: str, root: Path, reference: Path) -> Path:
     reference.mkdir()
-    subprocess.run([binary, "-z", "n", "-b", "y", "-f", "%s_%j", "-o", str(reference), str(ROOT)],
+    subprocess.run([binary, "-z", "n", "-b", "y", "-f", "%s_%j", "-o", str(reference), str(root)],
                    check=True, capture_output=True)  # fmt: skip
+    return reference
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    binary = _dcm2niix()
+    base = tmp_path_factory.mktemp("real")
+    headers = _headers(ROOT)
+    start = time.perf_counter()
+    index, manifests, results, private = _index_and_convert(ROOT, headers, base)
+    seconds = time.perf_counter() - start
+    reference = _dcm2niix_tree(binary, ROOT, base / "dcm2niix")
     shards = pd.concat([read_shard_files(private / C.SHARD_INDEX_DIR / f"{C.shard_name(k)}.tsv")
                         for k in range(N_SHARDS)])  # fmt: skip
     return dict(headers=headers, index=index, manifest=pd.concat(manifests), shards=shards,
@@ -361,3 +372,26 @@ def test_mosaic_that_dcm2niix_cannot_read_is_refused_not_passed_as_2d(tmp_path):
         "dcm2niix cannot read it"
     )
     assert not list((tmp_path / "out").glob("ser-m*"))
+
+
+@pytest.mark.skipif(not (DATA / "lidc").is_dir(), reason=f"LIDC slabs not found at {DATA}")
+def test_real_lidc_ct_slabs_equal_dcm2niix(tmp_path):
+    """The three real LIDC-IDRI chest CT slabs (another vendor export, 512x512, 1.25-2.5 mm;
+    reader XML files beside them): one unit per series, each dcm2niix's image voxel for
+    voxel with the same affine; the XML files are quarantined as not DICOM."""
+    root = DATA / "lidc"
+    index, manifests, results, _ = _index_and_convert(root, _headers(root), tmp_path)
+    manifest = pd.concat(manifests)
+    assert list(manifest[C.STATUS]) == [C.STATUS_OK] * 3
+    assert set(manifest["route"]) == {"dcm2niix"}
+    assert set(index.quarantine[C.REASON]) == {"not a DICOM file"}
+    references = [nib.as_closest_canonical(nib.load(p)) for p in
+                  sorted(_dcm2niix_tree(_dcm2niix(), root, tmp_path / "ref").glob("*.nii"))]  # fmt: skip
+    assert len(references) == 3
+    for pid in manifest[C.SERIES_PID]:
+        ours = nib.as_closest_canonical(nib.load(next(results.rglob(f"{pid}{C.NIFTI_SUFFIX}"))))
+        same = [r for r in references if r.shape == ours.shape
+                and np.array_equal(np.asarray(r.dataobj), np.asarray(ours.dataobj))]  # fmt: skip
+        assert len(same) == 1, pid
+        np.testing.assert_allclose(ours.affine, same[0].affine, atol=0.05)
+        assert ours.shape[:2] == (512, 512)

@@ -35,7 +35,7 @@ from pydicom.uid import (
 
 from radflow import conventions as C
 from radflow.dicom import syntax as S
-from radflow.dicom.convert import choose_route, convert_shard, convert_unit, load_headers
+from radflow.dicom.convert import choose_route, convert_shard, convert_unit, load_header
 from radflow.dicom.index import REASON_NOT_DICOM, read_file_record
 from radflow.dicom.reader import build_volume, stored_range
 
@@ -277,7 +277,7 @@ def test_choose_route(case, route, reason, tmp_path):
     """Each rule of `choose_route` on the header convert reads (pixel data deferred), and
     the manifest and sidecar of the converted unit record the same route and reason."""
     modality, path = _route_case(case, tmp_path / "dicom" / "Zqxunit")
-    header = load_headers([str(path)])[0]
+    header = load_header(str(path))
     got_route, got_reason = choose_route(modality, header)
     assert (got_route, got_reason[: len(reason)]) == (route, reason)
     assert got_reason

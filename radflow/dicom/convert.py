@@ -115,8 +115,9 @@ def _j2k_signed(ds: pydicom.Dataset) -> bool | None:
 
 
 def choose_route(modality: str, ds: pydicom.Dataset) -> tuple[str, str]:
-    """(route, reason) for a unit whose first file has header `ds` (pixel data may be
-    deferred; it is read only to find a lossless JPEG predictor)."""
+    """(route, reason) for a unit whose first file has header `ds` (read without pixel
+    data; the file is read whole only for 16-bit lossless JPEG and JPEG 2000, whose
+    codestream headers decide)."""
     if modality in C.PROJECTION_MODALITIES:
         return ROUTE_RADFLOW, (
             "projection radiograph: dcm2niix ignores ImagerPixelSpacing and does not "
@@ -134,8 +135,9 @@ def choose_route(modality: str, ds: pydicom.Dataset) -> tuple[str, str]:
         return ROUTE_RADFLOW, "Modality LUT: dcm2niix ignores it"
     if syntax == JPEGExtended12Bit and bits > 8:
         return ROUTE_RADFLOW, "12-bit JPEG extended: dcm2niix cannot decode it"
-    if _preamble_problem(ds):
-        return ROUTE_RADFLOW, f"{_preamble_problem(ds)}: dcm2niix does not read such files"
+    preamble = _preamble_problem(ds)
+    if preamble:
+        return ROUTE_RADFLOW, f"{preamble}: dcm2niix does not read such files"
     if (syntax == JPEGLossless and bits == 16) or syntax in (JPEG2000, JPEG2000Lossless):
         if "PixelData" not in ds and getattr(ds, "filename", None):
             ds = pydicom.dcmread(ds.filename, force=True)
@@ -314,9 +316,9 @@ def convert_unit(
     absolute = [os.path.join(dicom_root, p) for p in paths]
     try:
         with quiet_pydicom():
-            datasets = load_headers(absolute)
-            grayscale_photometric(datasets[0])  # colour is refused on either route
-            route, why = choose_route(modality, datasets[0])
+            header = load_header(absolute[0])
+            grayscale_photometric(header)  # colour is refused on either route
+            route, why = choose_route(modality, header)
             row["route"] = route
             if route == ROUTE_DCM2NIIX:
                 done = _convert_dcm2niix(
@@ -325,7 +327,7 @@ def convert_unit(
                     threads=threads,
                 )  # fmt: skip
             else:
-                image_type = str(datasets[0].get("ImageType", "")).upper()
+                image_type = str(header.get("ImageType", "")).upper()
                 if "MOSAIC" in image_type:
                     raise ConversionError(f"Siemens MOSAIC needs dcm2niix to unpack it, but {why}")
                 try:
@@ -341,7 +343,7 @@ def convert_unit(
         ndim = 2 if len(shape) == 3 and shape[2] == 1 else min(len(shape), 4)
         if ndim == 4 and shape[3] == 1:
             ndim, shape = 3, shape[:3]
-        sidecar = sidecar_fields(datasets[0])
+        sidecar = sidecar_fields(header)
         sidecar.update(
             {
                 "series_pid": series_pid,
@@ -378,11 +380,11 @@ _HEADER_TAGS = (*SIDECAR_WHITELIST, "BitsAllocated", "PixelRepresentation",
                 "PhotometricInterpretation", "ModalityLUTSequence", "ImageType")  # fmt: skip
 
 
-def load_headers(paths: Sequence[str]) -> list[pydicom.Dataset]:
-    """The first file's header: the elements routing and the sidecar read (`_HEADER_TAGS`);
-    `choose_route` reads the pixel data itself only for 16-bit lossless JPEG."""
-    return [pydicom.dcmread(paths[0], force=True, stop_before_pixels=True,
-                            specific_tags=list(_HEADER_TAGS))]  # fmt: skip
+def load_header(path: str) -> pydicom.Dataset:
+    """A unit's first file's header: the elements routing and the sidecar read
+    (`_HEADER_TAGS`)."""
+    return pydicom.dcmread(path, force=True, stop_before_pixels=True,
+                           specific_tags=list(_HEADER_TAGS))  # fmt: skip
 
 
 def plan_workers(n_units: int, threads: int) -> tuple[int, int]:

@@ -76,7 +76,6 @@ _INDEX_KEYWORDS = (
     "TriggerTime",
     "AcquisitionNumber",
     "DiffusionBValue",
-    "PixelRepresentation",
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
 )
