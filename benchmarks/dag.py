@@ -234,7 +234,7 @@ def main() -> None:
     problems = []
     for r in (small, large):
         # everything after index: convert + preprocess per shard, train + predict per
-        # fold, split, evaluate, figures, gradcam, all
+        # fold, split, evaluate, figures, case_figures, all
         expected = 2 * r["shards"] + 2 * N_FOLDS + 5
         if r["plan_jobs"] != expected:
             problems.append(f"{r['series']} series: {r['plan_jobs']} jobs, expected {expected}")

@@ -25,6 +25,7 @@ import torch
 
 from radflow.augment import AugmentSettings, augment_batch
 from radflow.data import BatchIterator
+from radflow.models import ModelSettings
 from radflow.tasks import get_task
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     autocast_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else None
     task = get_task("classification")
     model = task.build_model(
-        {"depth": args.depth, "base_width": args.width}, in_channels=1, spatial_dims=2
+        ModelSettings(depth=args.depth, base_width=args.width), in_channels=1, spatial_dims=2
     ).to(device)
     if on_cuda:
         model = model.to(memory_format=torch.channels_last)

@@ -16,21 +16,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from radflow.config import check_keys, schema_defaults
+
+_DEFAULTS = schema_defaults("train", "augment")  # config/schema.yaml holds every default
+
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    rotation_deg: float = 10.0
-    scale: tuple[float, float] = (0.9, 1.1)
-    translate_fraction: float = 0.06
-    hflip_probability: float = 0.0
-    brightness: float = 0.1  # in normalised units (a tenth of the X-ray/CT [0, 1] range)
-    contrast: tuple[float, float] = (0.8, 1.2)
-    gamma: tuple[float, float] = (0.8, 1.25)
-    noise_std: float = 0.03
-    enabled: bool = True
+    """Config `train.augment:`; every default is the schema's (config/schema.yaml)."""
+
+    rotation_deg: float = _DEFAULTS["rotation_deg"]
+    scale: tuple[float, float] = _DEFAULTS["scale"]
+    translate_fraction: float = _DEFAULTS["translate_fraction"]
+    hflip_probability: float = _DEFAULTS["hflip_probability"]
+    brightness: float = _DEFAULTS["brightness"]  # normalised units: 0.1 = a tenth of [0, 1]
+    contrast: tuple[float, float] = _DEFAULTS["contrast"]
+    gamma: tuple[float, float] = _DEFAULTS["gamma"]
+    noise_std: float = _DEFAULTS["noise_std"]
+    enabled: bool = _DEFAULTS["enabled"]
 
     @classmethod
     def from_config(cls, cfg: dict) -> AugmentSettings:
+        """From config `train.augment:`; missing keys take the schema's defaults."""
+        check_keys(cls, cfg, "train.augment")
         kwargs = {}
         for key, value in cfg.items():
             kwargs[key] = tuple(value) if isinstance(value, list) else value

@@ -1,21 +1,66 @@
-"""Checks of a study configuration that a JSON schema cannot express.
+"""The study configuration's schema defaults, and the checks a JSON schema cannot express.
 
 The schema (config/schema.yaml) checks types, ranges, unknown keys and fills defaults;
-this module checks what depends on the file system or on several keys at once. Each
-message names the config key, the offending value and what to do.
+it is the one place where a default is written down: the settings dataclasses
+(`radflow.models.ModelSettings`, `radflow.train.TrainSettings`,
+`radflow.augment.AugmentSettings`) take their field defaults from it through
+`schema_defaults`. `check_config` checks what depends on the file system, on several
+keys at once or on the study's task. Each message names the config key, the offending
+value and what to do.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 from radflow import conventions as C
 
 RESULTS_DIR = "results"
+#: The workflow's schema, next to the package (radflow runs from its workflow checkout).
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
 
 
 class ConfigError(ValueError):
     pass
+
+
+@cache
+def _schema() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def schema_defaults(*section: str) -> dict[str, Any]:
+    """{key: default} of the schema object at `section`, e.g. ``schema_defaults("model")``
+    or ``schema_defaults("train", "augment")``; ``schema_defaults()`` is the top level.
+
+    Lists come back as tuples (the settings dataclasses are frozen and hold tuples);
+    keys without a default are left out. A fresh dict on every call.
+    """
+    node = _schema()
+    for key in section:
+        node = node["properties"][key]
+    return {
+        key: tuple(spec["default"]) if isinstance(spec["default"], list) else spec["default"]
+        for key, spec in node["properties"].items()
+        if "default" in spec
+    }
+
+
+def check_keys(cls: type, cfg: Mapping[str, Any], section: str) -> None:
+    """Raise ConfigError if `cfg` has a key that the settings dataclass `cls` lacks
+    (a typo must not fall back to a default silently)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(
+            f"{section}: unknown key(s) {unknown}; the known keys are {sorted(known)}"
+        )
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -26,8 +71,12 @@ def _inside(path: str, folder: str) -> bool:
         return False
 
 
-def check_config(config: dict) -> None:
-    """Raise ConfigError listing every problem found (not just the first)."""
+def check_config(config: dict, task=None) -> None:
+    """Raise ConfigError listing every problem found (not just the first).
+
+    `task` (a `radflow.tasks.Task`), when given, also checks the settings whose valid
+    values depend on the task (evaluate.calibration).
+    """
     problems = []
     data, synth, deid = config["data"], config["synthesize"], config["deid"]
     synthetic = synth["enabled"]
@@ -43,9 +92,33 @@ def check_config(config: dict) -> None:
                 f"working directory {Path.cwd()}); point it at your {kind} or enable synthesize"
             )
 
-    need_file("dicom_root", data["dicom_root"], "folder")
-    need_file("labels_table", data["labels_table"], "file")
+    need_file("dicom_root", data.get("dicom_root"), "folder")
+    need_file("labels_table", data.get("labels_table"), "file")
+    need_file("images_table", data.get("images_table"), "file")
     need_file("annotations_table", data.get("annotations_table"), "file")
+    if bool(data.get("dicom_root")) == bool(data.get("images_table")):
+        problems.append(
+            "data: give exactly one input, data.dicom_root (a DICOM tree, with "
+            "data.labels_table) or data.images_table (a table of image files)"
+        )
+    if data.get("dicom_root") and not data.get("labels_table"):
+        problems.append("data.labels_table: a DICOM tree needs a labels table; set its path")
+    if data.get("images_table") and synthetic:
+        problems.append(
+            "synthesize.enabled writes a DICOM cohort: it needs data.dicom_root, not "
+            "data.images_table; disable synthesize to run an images table"
+        )
+    if data.get("images_table") and data.get("annotations_table"):
+        problems.append(
+            "data.annotations_table: lesion points are read for DICOM input only (keyed "
+            "by label_key); remove it for an images table"
+        )
+    split_table = config.get("split", {}).get("table")
+    if split_table and not Path(split_table).is_file():
+        problems.append(
+            f"split.table: file {split_table!r} does not exist (relative paths start from the "
+            f"working directory {Path.cwd()}); point it at your split table or remove it"
+        )
     if synthetic and not data.get("annotations_table"):
         problems.append(
             "data.annotations_table: synthesize.enabled writes the lesion ground truth there; "
@@ -59,8 +132,10 @@ def check_config(config: dict) -> None:
     # Everything under results/ is promised PHI-free: inputs holding identifiers and the
     # pseudonymisation secret must live elsewhere.
     for key, path in (
-        ("data.dicom_root", data["dicom_root"]),
-        ("data.labels_table", data["labels_table"]),
+        ("data.dicom_root", data.get("dicom_root")),
+        ("data.labels_table", data.get("labels_table")),
+        ("data.images_table", data.get("images_table")),
+        ("split.table", split_table),
         ("data.annotations_table", data.get("annotations_table")),
         ("deid.key_file", deid["key_file"]),
         ("deid.private_dir", deid["private_dir"]),
@@ -78,6 +153,13 @@ def check_config(config: dict) -> None:
         if value not in choices:
             problems.append(
                 f"convert.{key}: {value!r} is not one of {', '.join(choices)}; choose one"
+            )
+    calibration = config.get("evaluate", {}).get("calibration")
+    if task is not None and calibration is not None:
+        if calibration not in task.calibration_methods:
+            problems.append(
+                f"evaluate.calibration: {calibration!r} does not apply to task {task.name!r}; "
+                f"choose one of {', '.join(task.calibration_methods)}"
             )
     if problems:
         raise ConfigError("invalid radflow configuration:\n  - " + "\n  - ".join(problems))

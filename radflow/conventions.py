@@ -135,6 +135,7 @@ def shard_name(shard: int) -> str:
 # ------------------------------------------------------------------- file names
 NIFTI_SUFFIX = ".nii.gz"
 SIDECAR_SUFFIX = ".json"
+MASK_SUFFIX = "_mask.nii.gz"  # convert: a case's label map, on its image's grid
 MANIFEST = "manifest.tsv"  # per-shard table written by convert and preprocess
 SKIPPED_TABLE = "skipped.tsv"  # preprocess: converted units left out, with the reason
 SERIES_TABLE = "series.tsv"  # index: one row per labelled image unit (results, PHI-free)

@@ -63,7 +63,8 @@ _STYLE = {
     "axes.spines.top": False,
     "axes.spines.right": False,
 }
-TRAINING_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc", "lr")
+#: Columns of every training history; the task's monitor column comes with them.
+TRAINING_COLUMNS = ("epoch", "train_loss", "val_loss", "lr")
 
 
 # --------------------------------------------------------------------- helpers
@@ -310,24 +311,35 @@ def plot_confusion(curves: Mapping[str, Any], path: str | os.PathLike) -> Figure
 
 
 # -------------------------------------------------------------------- training
-def plot_training_curves(histories: Mapping[int, pd.DataFrame], path: str | os.PathLike) -> Figure:
-    """Training histories, one line per fold: loss, validation AUROC, learning rate.
+def plot_training_curves(
+    histories: Mapping[int, pd.DataFrame],
+    path: str | os.PathLike,
+    *,
+    monitor: str,
+    monitor_label: str,
+    monitor_axis: str,
+) -> Figure:
+    """Training histories, one line per fold: loss, the validation score, learning rate.
 
-    ``histories``: {fold: DataFrame with columns epoch, train_loss, val_loss,
-    val_auroc, lr}. Panels (fig.axes[0..2]): loss (train dashed, val solid, same colour
-    per fold), validation AUROC, learning rate (log scale when all positive). Each
-    fold's best epoch (max val_auroc) is marked with a star on the AUROC panel and a
+    ``histories``: {fold: DataFrame with columns epoch, train_loss, val_loss, lr and
+    ``monitor``}. The validation score is the task's (radflow.tasks.base.Task):
+    ``monitor`` its history column (higher is better), ``monitor_label`` its name in
+    the panel title (e.g. "AUROC"), ``monitor_axis`` its axis label (e.g. "AUROC
+    (fraction)"). Panels (fig.axes[0..2]): loss (train dashed, val solid, same colour
+    per fold), validation score, learning rate (log scale when all positive). Each
+    fold's best epoch (max score) is marked with a star on the score panel and a
     dotted vertical line on the others.
     """
+    columns = (*TRAINING_COLUMNS, monitor)
     for fold, frame in histories.items():
-        lacking = [c for c in TRAINING_COLUMNS if c not in frame.columns]
+        lacking = [c for c in columns if c not in frame.columns]
         if lacking:
             raise ValueError(f"training history of fold {fold} lacks column(s) {lacking}")
     with mpl.rc_context(_STYLE):
         fig = _new_figure((12.0, 3.8))
-        ax_loss, ax_auc, ax_lr = fig.subplots(1, 3)
+        ax_loss, ax_score, ax_lr = fig.subplots(1, 3)
         if not histories:
-            for ax in (ax_loss, ax_auc, ax_lr):
+            for ax in (ax_loss, ax_score, ax_lr):
                 _message(ax, "no training history")
             return _save(fig, path)
         all_lr = []
@@ -339,16 +351,16 @@ def plot_training_curves(histories: Mapping[int, pd.DataFrame], path: str | os.P
                 epoch, h["train_loss"], ls="--", color=colour, lw=1, label=f"fold {fold} train"
             )
             ax_loss.plot(epoch, h["val_loss"], color=colour, lw=1.5, label=f"fold {fold} val")
-            ax_auc.plot(epoch, h["val_auroc"], color=colour, lw=1.5, label=f"fold {fold}")
+            ax_score.plot(epoch, h[monitor], color=colour, lw=1.5, label=f"fold {fold}")
             lr = h["lr"].to_numpy(dtype=float)
             all_lr.append(lr)
             ax_lr.plot(epoch, lr, color=colour, lw=1.5, label=f"fold {fold}")
-            auc = h["val_auroc"].to_numpy(dtype=float)
-            if np.isfinite(auc).any():
-                best = int(np.nanargmax(auc))
-                ax_auc.plot(
+            score = h[monitor].to_numpy(dtype=float)
+            if np.isfinite(score).any():
+                best = int(np.nanargmax(score))
+                ax_score.plot(
                     [epoch[best]],
-                    [auc[best]],
+                    [score[best]],
                     ls="none",
                     marker="*",
                     ms=11,
@@ -364,14 +376,14 @@ def plot_training_curves(histories: Mapping[int, pd.DataFrame], path: str | os.P
             ax_lr.set_yscale("log")
         ax_loss.set_title("Loss (dashed: training, solid: validation)")
         ax_loss.set_ylabel("Loss (training objective)")
-        ax_auc.set_title("Validation AUROC (\u2605 best epoch)")
-        ax_auc.set_ylabel("AUROC (fraction)")
+        ax_score.set_title(f"Validation {monitor_label} (\u2605 best epoch)")
+        ax_score.set_ylabel(monitor_axis)
         ax_lr.set_title("Learning rate")
         ax_lr.set_ylabel("Learning rate (per step)")
-        for ax in (ax_loss, ax_auc, ax_lr):
+        for ax in (ax_loss, ax_score, ax_lr):
             ax.set_xlabel("Epoch")
         ax_loss.legend(ncols=2, fontsize=7)
-        ax_auc.legend(fontsize=7)
+        ax_score.legend(fontsize=7)
         fig.suptitle("Training curves per fold")
     return _save(fig, path)
 

@@ -93,7 +93,7 @@ def run_cam_figures(
     per_case_table,
     annotations_table,
     *,
-    task_name: str,
+    task,
     layer: str,
     n_cases: int,
     out_true_positive,
@@ -102,14 +102,13 @@ def run_cam_figures(
 ) -> dict:
     """The Grad-CAM figure stage: the `n_cases` most confident true and false positives
     of the ensemble on the test set, with the ensemble CAM and the lesion marks.
+    `task` (a classification task) rebuilds the fold models from their checkpoints.
     Returns the pointing-game counts for the log."""
     from radflow.data import PreprocessedStore
     from radflow.figures import plot_cam_grid
     from radflow.inference import load_model
-    from radflow.tasks import get_task
 
     torch.set_num_threads(max(1, threads))
-    task = get_task(task_name)
     store = PreprocessedStore(preprocessed_dirs)
     per_case = pd.read_csv(per_case_table, sep="\t", dtype={C.SERIES_PID: str})
     test = per_case[per_case[C.SPLIT] == C.SPLIT_TEST]
@@ -145,14 +144,11 @@ def run_cam_figures(
             if marks:
                 annotated += 1
                 hits += cam_hits_lesion(cams[k], marks)
-            items.append(
-                {
-                    "image": images[k, 0].astype(np.float32),
-                    "cam": cams[k],
-                    "caption": f"{case[C.SERIES_PID]}\np={case[C.PROB]:.2f} label={int(case[C.LABEL])}",
-                    "circles": marks,
-                }
-            )
+            image, cam = images[k, 0].astype(np.float32), np.asarray(cams[k])
+            caption = f"{case[C.SERIES_PID]}\np={case[C.PROB]:.2f} label={int(case[C.LABEL])}"
+            if image.ndim == 3:  # a volume: maximum projections along the first axis
+                image, cam, caption = image.max(axis=0), cam.max(axis=0), f"{caption} (MIP)"
+            items.append({"image": image, "cam": cam, "caption": caption, "circles": marks})
         title = f"Grad-CAM ({layer}, mean of {len(models)} fold models): {shown}"
         if annotated:
             title += f"; CAM peak on a lesion in {hits}/{annotated}"

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from radflow.data import BatchIterator
+from radflow.models import ModelSettings
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -34,10 +35,16 @@ def load_model(
     spatial_dims: int,
     device: torch.device,
 ):
-    """Rebuild a trained model from its checkpoint (weights only; no pickled code)."""
+    """Rebuild a trained model from its checkpoint (weights only; no pickled code).
+
+    The checkpoint stores the model settings as a plain dict (config `model:`); keys it
+    lacks (checkpoints written before the key existed) take the schema's defaults.
+    """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     model = task.build_model(
-        checkpoint["settings"]["model"], in_channels=in_channels, spatial_dims=spatial_dims
+        ModelSettings.from_config(checkpoint["settings"]["model"]),
+        in_channels=in_channels,
+        spatial_dims=spatial_dims,
     )
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint

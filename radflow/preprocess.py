@@ -34,6 +34,7 @@ import pandas as pd
 from scipy import ndimage
 
 from radflow import conventions as C
+from radflow.tables import atomic_path
 
 XRAY_MODALITIES = C.PROJECTION_MODALITIES
 CT_MODALITIES = frozenset({"CT"})
@@ -48,6 +49,7 @@ class PreprocessSettings:
     xray_percentiles: tuple[float, float] = (0.5, 99.5)
     ct_window_hu: tuple[float, float] = (-1000.0, 400.0)
     mr_foreground_fraction: float = 0.05
+    intensity: str = "auto"  # auto (by modality) | xray | ct | mr | minmax | none
     dtype: str = "float16"
 
     @classmethod
@@ -58,6 +60,7 @@ class PreprocessSettings:
             xray_percentiles=tuple(cfg.get("xray_percentiles", (0.5, 99.5))),
             ct_window_hu=tuple(cfg.get("ct_window_hu", (-1000.0, 400.0))),
             mr_foreground_fraction=float(cfg.get("mr_foreground_fraction", 0.05)),
+            intensity=str(cfg.get("intensity", "auto")),
             dtype=cfg.get("dtype", "float16"),
         )
 
@@ -86,13 +89,46 @@ def normalize_mr(image: np.ndarray, foreground_fraction: float) -> np.ndarray:
     return z.astype(np.float32)
 
 
-def normalize(image: np.ndarray, modality: str, settings: PreprocessSettings) -> np.ndarray:
-    """Normalise intensities by modality (see module docstring)."""
+def normalize_minmax(image: np.ndarray) -> np.ndarray:
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        return np.zeros_like(image, dtype=np.float32)
+    return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
+INTENSITY_CHOICES = ("auto", "xray", "ct", "mr", "minmax", "none")
+
+
+def intensity_scheme(modality: str, settings: PreprocessSettings) -> str:
+    """The normalisation applied: config `preprocess.intensity`, or for "auto" the
+    modality's (X-ray percentiles, CT window, MR foreground z-score for the rest)."""
+    if settings.intensity != "auto":
+        return settings.intensity
     if modality in XRAY_MODALITIES:
-        return normalize_xray(image, settings.xray_percentiles)
+        return "xray"
     if modality in CT_MODALITIES:
+        return "ct"
+    return "mr"
+
+
+def normalize(image: np.ndarray, modality: str, settings: PreprocessSettings) -> np.ndarray:
+    """Normalise intensities by modality or by `settings.intensity` (module docstring);
+    "minmax" scales the image's own range to [0, 1] (for data shipped already windowed or
+    binary, e.g. MedMNIST), "none" keeps the values."""
+    scheme = intensity_scheme(modality, settings)
+    if scheme == "xray":
+        return normalize_xray(image, settings.xray_percentiles)
+    if scheme == "ct":
         return normalize_ct(image, settings.ct_window_hu)
-    return normalize_mr(image, settings.mr_foreground_fraction)
+    if scheme == "mr":
+        return normalize_mr(image, settings.mr_foreground_fraction)
+    if scheme == "minmax":
+        return normalize_minmax(image)
+    if scheme == "none":
+        return image.astype(np.float32, copy=False)
+    raise ValueError(
+        f"preprocess.intensity {scheme!r} is not one of {', '.join(INTENSITY_CHOICES)}"
+    )
 
 
 # ------------------------------------------------------------------- resampling
@@ -173,28 +209,33 @@ def preprocess_image(
     modality: str,
     settings: PreprocessSettings,
     series_pid: str = "",
+    *,
+    channels: bool = False,
 ) -> PreprocessedCase:
-    """Normalise then resample one image (2D (rows, cols) or 3D (z, y, x))."""
-    normalised = normalize(np.asarray(image, np.float32), modality, settings)
-    mapping = plan_grid(
-        image.shape, spacing_mm, settings.target_shape_px, settings.target_spacing_mm
-    )
-    fill = float(normalised.min())
-    out = resample(normalised, mapping, settings.target_shape_px, fill)
-    return PreprocessedCase(
-        series_pid, out[None].astype(settings.dtype), mapping, tuple(image.shape), tuple(spacing_mm)
-    )
+    """Normalise then resample one image: 2D (rows, cols) or 3D (z, y, x), or with
+    `channels` a (C, *spatial) array whose channels are normalised each on its own and
+    resampled onto one grid."""
+    stack = np.asarray(image, np.float32)
+    if not channels:
+        stack = stack[None]
+    spatial = stack.shape[1:]
+    mapping = plan_grid(spatial, spacing_mm, settings.target_shape_px, settings.target_spacing_mm)
+    out = np.empty((len(stack), *settings.target_shape_px), settings.dtype)
+    for c, channel in enumerate(stack):
+        normalised = normalize(channel, modality, settings)
+        out[c] = resample(normalised, mapping, settings.target_shape_px, float(normalised.min()))
+    return PreprocessedCase(series_pid, out, mapping, tuple(spatial), tuple(spacing_mm))
 
 
 # ---------------------------------------------------------------------- shards
-def _preprocess_one(args: tuple[str, str, str, PreprocessSettings]) -> PreprocessedCase:
-    from radflow.dicom.nifti import read_image
+def _preprocess_one(args: tuple[str, str, str, int, PreprocessSettings]) -> PreprocessedCase:
+    from radflow.dicom.nifti import read_channels
 
-    series_pid, path, modality, settings = args
-    image, spacing = read_image(path)
-    if image.ndim == 3 and image.shape[0] == 1 and len(settings.target_shape_px) == 2:
-        image, spacing = image[0], spacing[1:]
-    return preprocess_image(image, spacing, modality, settings, series_pid)
+    series_pid, path, modality, _n_channels, settings = args
+    image, spacing = read_channels(path)  # (C, *spatial)
+    if image.ndim == 4 and image.shape[1] == 1 and len(settings.target_shape_px) == 2:
+        image, spacing = image[:, 0], spacing[1:]
+    return preprocess_image(image, spacing, modality, settings, series_pid, channels=True)
 
 
 def _dimension_reason(ndim: str, shape: str, wanted_ndim: int) -> str:
@@ -219,7 +260,7 @@ def preprocess_shard(
 
     Input: `nifti_dir`, the convert stage's shard folder (its manifest lists the units
     converted ok; each unit's sidecar gives its modality).
-    Outputs, in `out_dir`: `images.npy` of shape (N, 1, *target_shape_px),
+    Outputs, in `out_dir`: `images.npy` of shape (N, C, *target_shape_px) (C: the units' channels, 1 for DICOM),
     `manifest.tsv` (series_pid, index, in_shape, in_spacing_mm, scale, offset,
     out_spacing_mm), rows in array order, and `skipped.tsv` (series_pid, reason) for
     converted units whose dimensionality is not the study's. Returns the manifest.
@@ -244,68 +285,72 @@ def preprocess_shard(
         columns=[C.SERIES_PID, C.REASON],
     )
     converted = converted[unit_ndim == wanted_ndim]
-    jobs = [
-        (
-            pid,
-            str(nifti_dir / f"{pid}{C.NIFTI_SUFFIX}"),
-            _sidecar_modality(nifti_dir, pid),
-            settings,
-        )
-        for pid in converted[C.SERIES_PID]
-    ]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shape = (len(jobs), 1, *settings.target_shape_px)
-    tmp_array = out_dir / f".{C.PREPROCESSED_ARRAY}.tmp"
-    array = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=settings.dtype, shape=shape)
-    rows = []
-    results = _map(_preprocess_one, jobs, threads)
-    if progress:
-        from tqdm import tqdm
-
-        results = tqdm(results, total=len(jobs), desc="preprocess", unit="image", mininterval=2)
-    for index, case in enumerate(results):
-        array[index] = case.array
-        rows.append(
+    jobs = []
+    for pid in converted[C.SERIES_PID]:
+        sidecar = _sidecar(nifti_dir, pid)
+        n_channels = int(sidecar.get("n_channels", 1))
+        jobs.append((pid, str(nifti_dir / f"{pid}{C.NIFTI_SUFFIX}"),
+                     str(sidecar.get("Modality", "")), n_channels, settings))  # fmt: skip
+    # A study has one channel count (an images table's channels; 1 for DICOM).
+    counts = pd.Series([job[3] for job in jobs], dtype=int)
+    n_channels = int(counts.mode().min()) if len(counts) else 1
+    odd = [job for job in jobs if job[3] != n_channels]
+    if odd:
+        extra = pd.DataFrame(
             {
-                C.SERIES_PID: case.series_pid,
-                "index": index,
-                "in_shape": _fmt(case.in_shape),
-                "in_spacing_mm": _fmt(case.in_spacing_mm),
-                "scale": _fmt(case.mapping.scale),
-                "offset": _fmt(case.mapping.offset),
-                "out_spacing_mm": _fmt(case.mapping.out_spacing_mm),
-            }
+                C.SERIES_PID: [job[0] for job in odd],
+                C.REASON: [
+                    f"{job[3]} channels where the study's units have {n_channels}" for job in odd
+                ],
+            }  # fmt: skip
         )
-    array.flush()
-    del array
-    manifest = pd.DataFrame(
-        rows,
-        columns=[
-            C.SERIES_PID,
-            "index",
-            "in_shape",
-            "in_spacing_mm",
-            "scale",
-            "offset",
-            "out_spacing_mm",
-        ],
-    )
-    tmp_manifest = out_dir / f".{C.MANIFEST}.tmp"
-    manifest.to_csv(tmp_manifest, sep="\t", index=False)
-    tmp_skipped = out_dir / f".{C.SKIPPED_TABLE}.tmp"
-    skipped.to_csv(tmp_skipped, sep="\t", index=False)
+        skipped = pd.concat([skipped, extra], ignore_index=True)
+        jobs = [job for job in jobs if job[3] == n_channels]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape = (len(jobs), n_channels, *settings.target_shape_px)
+    columns = [C.SERIES_PID, "index", "in_shape", "in_spacing_mm", "scale", "offset",
+               "out_spacing_mm"]  # fmt: skip
+    # The manifest is renamed last: a shard folder with a manifest is complete.
+    with (
+        atomic_path(out_dir / C.MANIFEST) as tmp_manifest,
+        atomic_path(out_dir / C.SKIPPED_TABLE) as tmp_skipped,
+        atomic_path(out_dir / C.PREPROCESSED_ARRAY) as tmp_array,
+    ):
+        array = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=settings.dtype,
+                                          shape=shape)  # fmt: skip
+        rows = []
+        results = _map(_preprocess_one, jobs, threads)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(jobs), desc="preprocess", unit="image",
+                           mininterval=2)  # fmt: skip
+        for index, case in enumerate(results):
+            array[index] = case.array
+            rows.append(
+                {
+                    C.SERIES_PID: case.series_pid,
+                    "index": index,
+                    "in_shape": _fmt(case.in_shape),
+                    "in_spacing_mm": _fmt(case.in_spacing_mm),
+                    "scale": _fmt(case.mapping.scale),
+                    "offset": _fmt(case.mapping.offset),
+                    "out_spacing_mm": _fmt(case.mapping.out_spacing_mm),
+                }
+            )
+        array.flush()
+        del array
+        manifest = pd.DataFrame(rows, columns=columns)
+        manifest.to_csv(tmp_manifest, sep="\t", index=False)
+        skipped.to_csv(tmp_skipped, sep="\t", index=False)
     if len(skipped):
-        print(f"preprocess: left out {len(skipped)} unit(s) of another dimensionality "
-              f"(listed in {C.SKIPPED_TABLE})", file=sys.stderr)  # fmt: skip
-    os.replace(tmp_array, out_dir / C.PREPROCESSED_ARRAY)
-    os.replace(tmp_skipped, out_dir / C.SKIPPED_TABLE)
-    os.replace(tmp_manifest, out_dir / C.MANIFEST)
+        print(f"preprocess: left out {len(skipped)} unit(s) of another dimensionality or "
+              f"channel count (listed in {C.SKIPPED_TABLE})", file=sys.stderr)  # fmt: skip
     return manifest
 
 
-def _sidecar_modality(nifti_dir: Path, series_pid: str) -> str:
-    sidecar = json.loads((nifti_dir / f"{series_pid}{C.SIDECAR_SUFFIX}").read_text())
-    return str(sidecar.get("Modality", ""))
+def _sidecar(nifti_dir: Path, series_pid: str) -> dict:
+    return json.loads((nifti_dir / f"{series_pid}{C.SIDECAR_SUFFIX}").read_text())
 
 
 def mapping_from_row(row: dict) -> GridMapping:

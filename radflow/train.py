@@ -24,35 +24,44 @@ import pandas as pd
 import torch
 
 from radflow.augment import AugmentSettings, augment_batch
+from radflow.config import check_keys, schema_defaults
 from radflow.data import BatchIterator
 from radflow.inference import predict_logits, resolve_device, to_device
+from radflow.models import ModelSettings
 from radflow.tables import atomic_path
+
+_DEFAULTS = schema_defaults("train")  # config/schema.yaml is the one place defaults live
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Mirrors config `train:`; `model` mirrors config `model:`."""
+    """Config `train:` (with `augment`), the study `seed` and config `model:`; every
+    default is the schema's (config/schema.yaml)."""
 
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    mixed_precision: bool = True  # CUDA only: bf16 where supported, else fp16 + loss scaling
-    channels_last: bool = True  # CUDA only
-    compile: bool = False
-    eval_batch_size: int = 64
+    epochs: int = _DEFAULTS["epochs"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    learning_rate: float = _DEFAULTS["learning_rate"]
+    weight_decay: float = _DEFAULTS["weight_decay"]
+    warmup_epochs: float = _DEFAULTS["warmup_epochs"]
+    label_smoothing: float = _DEFAULTS["label_smoothing"]
+    seed: int = schema_defaults()["seed"]
+    device: str = _DEFAULTS["device"]  # auto | cpu | cuda | cuda:N
+    mixed_precision: bool = _DEFAULTS["mixed_precision"]  # CUDA: bf16, else fp16 + scaling
+    channels_last: bool = _DEFAULTS["channels_last"]  # CUDA only
+    compile: bool = _DEFAULTS["compile"]
+    eval_batch_size: int = _DEFAULTS["eval_batch_size"]
     augment: AugmentSettings = field(default_factory=AugmentSettings)
-    model: dict = field(default_factory=lambda: {"depth": 18, "base_width": 64, "dropout": 0.0})
+    model: ModelSettings = field(default_factory=ModelSettings)
 
     @classmethod
     def from_config(cls, train_cfg: dict, model_cfg: dict, seed: int) -> TrainSettings:
+        """From config `train:`, `model:` and `seed`; missing keys take the schema's
+        defaults, unknown ones are an error naming them."""
         cfg = dict(train_cfg)
         augment = AugmentSettings.from_config(cfg.pop("augment", {}))
-        return cls(**cfg, augment=augment, model=dict(model_cfg), seed=seed)
+        check_keys(cls, {**cfg, "seed": seed}, "train")
+        model = ModelSettings.from_config(model_cfg)
+        return cls(**cfg, augment=augment, model=model, seed=seed)
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -205,12 +214,16 @@ def run_fold(
     fold: int,
     *,
     task_name: str,
+    task_modules=(),
     settings: TrainSettings,
     threads: int,
     model_path,
     history_path,
 ) -> pd.DataFrame:
     """The train stage for one fold: fit on the other dev folds, select on this one.
+
+    `task_name` and `task_modules` name the study's task (config `task`, `task_modules`;
+    see `radflow.tasks.get_task`).
 
     Inputs: the preprocess shard folders and the split table. Outputs: the best
     checkpoint at `model_path` and the per-epoch history table at `history_path`, both
@@ -222,7 +235,7 @@ def run_fold(
     from radflow.split import fold_members
     from radflow.tasks import get_task
 
-    task = get_task(task_name, label_smoothing=settings.label_smoothing)
+    task = get_task(task_name, modules=task_modules, train=settings)
     store = PreprocessedStore(preprocessed_dirs)
     folds = pd.read_csv(folds_table, sep="\t", dtype={C.SERIES_PID: str, C.PATIENT_PID: str})
     available = folds[folds[C.SERIES_PID].map(store.__contains__)]
@@ -245,8 +258,8 @@ def run_fold(
         f"fold {fold}: {len(train_rows)} training cases "
         f"({int(train_rows[C.LABEL].sum())} positive), {len(val_rows)} validation cases "
         f"({int(val_rows[C.LABEL].sum())} positive); device {device}, {threads} threads; "
-        f"model {task.name} depth {settings.model.get('depth')} "
-        f"width {settings.model.get('base_width')}"
+        f"model {task.name} depth {settings.model.depth} "
+        f"width {settings.model.base_width}"
     )
     # The best-so-far checkpoint is kept under a hidden staging name and moved to
     # `model_path` only once training has finished: a job killed mid-training leaves no

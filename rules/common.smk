@@ -8,26 +8,51 @@ sys.path.insert(0, workflow.basedir)
 from radflow import conventions as C
 from radflow.config import check_config
 from radflow.files import list_files, tree_fingerprint
+from radflow.images import TableColumns, referenced_files, table_fingerprint, table_root
+from radflow.split import OFFICIAL_SPLIT_TABLE, official_fold_count
+from radflow.tasks import get_task
 
-check_config(config)
+# The study's task (radflow/tasks/): the rules after training take their outputs from it.
+TASK = get_task(config["task"], modules=config["task_modules"])
+check_config(config, TASK)
 
 RESULTS = "results"
 LOGS = f"{RESULTS}/logs"
+EVALUATE = f"{RESULTS}/evaluate"
+FIGURES = f"{RESULTS}/figures"
+TRAINING_CURVES = f"{FIGURES}/training_curves.png"  # every task's, drawn by the stage
 PRIVATE = config["deid"]["private_dir"]
 KEY_FILE = config["deid"]["key_file"]
-FOLDS = list(range(config["split"]["n_folds"]))
 SYNTHETIC = config["synthesize"]["enabled"]
-# A user's DICOM tree is listed once here: for its fingerprint and for `shards: auto`.
-DICOM_FILES = [] if SYNTHETIC else list_files(config["data"]["dicom_root"])
+# The study's input: a DICOM tree, or an images table (one row per image file).
+IMAGES_TABLE = config["data"].get("images_table")
+TABLE_COLUMNS = TableColumns.from_config(config["data"].get("columns"))
+SPLIT_TABLE = config["split"].get("table")
+# An official split table fixes the folds (train/val/test: one fold model).
+OFFICIAL_FOLDS = SPLIT_TABLE and config["split"]["table_folds"] == "official"
+FOLDS = list(
+    range(
+        official_fold_count(SPLIT_TABLE)
+        if OFFICIAL_FOLDS
+        else config["split"]["n_folds"]
+    )
+)
+# The input's files are listed once here: for their fingerprint and for `shards: auto`.
+if SYNTHETIC:
+    INPUT_FILES = []
+elif IMAGES_TABLE:
+    INPUT_FILES = referenced_files(IMAGES_TABLE, TABLE_COLUMNS)
+else:
+    INPUT_FILES = list_files(config["data"]["dicom_root"])
 
 
 def get_n_shards():
-    """config `shards`, or for `auto` C.auto_shard_count of the number of DICOM files
-    (the synthetic cohort's n_patients stands in for its file count, unknown before
-    synthesis)."""
+    """config `shards`, or for `auto` C.auto_shard_count of the number of input files
+    (DICOM files, or the files an images table names; the synthetic cohort's n_patients
+    stands in for its file count, unknown before synthesis)."""
     if config["shards"] != "auto":
         return config["shards"]
-    n_files = config["synthesize"]["n_patients"] if SYNTHETIC else len(DICOM_FILES)
+    n_files = config["synthesize"]["n_patients"] if SYNTHETIC else len(INPUT_FILES)
     return C.auto_shard_count(n_files)
 
 
@@ -57,23 +82,38 @@ def get_resources(rule):
     return {"runtime": job["runtime_min"], "mem_mb": job["mem_mb"]}
 
 
-def get_dicom_input():
-    """The synthetic cohort is a rule output; a user's DICOM tree is not, so its content
-    is tracked through a fingerprint parameter instead (see get_tree_fingerprint)."""
+def get_source_input():
+    """The synthetic cohort is a rule output and an images table a file Snakemake
+    watches; the files of a DICOM tree or that a table names are not, so their content is
+    tracked through a fingerprint parameter instead (see get_tree_fingerprint)."""
+    if IMAGES_TABLE:
+        return IMAGES_TABLE
     return config["data"]["dicom_root"] if SYNTHETIC else []
 
 
-def get_dicom_root(wildcards):
-    return config["data"]["dicom_root"]
+def get_source_root(wildcards=None):
+    """Where the index's private paths start: the DICOM root, or the images table's
+    folder."""
+    return table_root(IMAGES_TABLE) if IMAGES_TABLE else config["data"]["dicom_root"]
 
 
 def get_tree_fingerprint():
-    """Hash of (path, size, mtime) of every file under the DICOM root: files added,
-    removed or replaced change it, and the index reruns. Empty for the synthetic
-    cohort, whose changes Snakemake tracks as a rule output."""
-    return (
-        "" if SYNTHETIC else tree_fingerprint(config["data"]["dicom_root"], DICOM_FILES)
-    )
+    """Hash of (path, size, mtime) of every input file: files added, removed or
+    replaced change it, and the index reruns. Empty for the synthetic cohort, whose
+    changes Snakemake tracks as a rule output."""
+    if SYNTHETIC:
+        return ""
+    if IMAGES_TABLE:
+        return table_fingerprint(IMAGES_TABLE, TABLE_COLUMNS)
+    return tree_fingerprint(config["data"]["dicom_root"], INPUT_FILES)
+
+
+def get_labels_input():
+    return [] if IMAGES_TABLE else config["data"]["labels_table"]
+
+
+def get_split_table_input():
+    return SPLIT_TABLE or []
 
 
 # `index` is a checkpoint, and every rule after it lists one index table through one of
@@ -116,32 +156,50 @@ def get_annotations_input():
     return path if path else []
 
 
-def get_label_params():
-    data = config["data"]
-    return {
-        k: data[k]
-        for k in ("label_key", "label_column", "positive_value", "patient_key")
+def get_data_params():
+    """The index's `data:` settings (paths to user files are inputs, not params)."""
+    keep = ("dicom_root", "images_table", "label_key", "label_column", "positive_value",
+            "patient_key", "columns", "modality", "reference_channel")  # fmt: skip
+    data = {k: config["data"].get(k) for k in keep}
+    # the label column of an images table is data.label_column
+    data["columns"] = {
+        **(data["columns"] or {}),
+        "label": config["data"]["label_column"],
     }
+    return data
 
 
 def get_preprocessed(wildcards=None):
     return expand(f"{RESULTS}/preprocessed/{{shard}}", shard=SHARDS)
 
 
+def task_files(folder, files):
+    """Rule outputs {name: path} of a task's files (radflow.tasks.base.StageFile) in
+    `folder`, flagged for the report where the task gives a category."""
+    outputs = {}
+    for name, spec in files.items():
+        path = f"{folder}/{spec.file}"
+        if spec.category is not None:
+            path = report(
+                path,
+                caption=None if spec.caption is None else str(spec.caption),
+                category=spec.category,
+                labels=dict(spec.labels) or None,
+            )
+        outputs[name] = path
+    return outputs
+
+
+def get_evaluation_files(wildcards=None):
+    """Every file the task's evaluation writes (the input of the figure rules)."""
+    return [f"{EVALUATE}/{spec.file}" for spec in TASK.evaluation_files().values()]
+
+
 def get_final_outputs():
+    """The task's evaluation files and figures, and the training curves."""
+    figures = {**TASK.figure_files(), **TASK.case_figure_files()}
     return [
-        f"{RESULTS}/evaluate/metrics.json",
-        f"{RESULTS}/evaluate/metrics.tsv",
-        *expand(
-            f"{RESULTS}/figures/{{name}}.png",
-            name=[
-                "roc",
-                "precision_recall",
-                "calibration",
-                "confusion",
-                "training_curves",
-            ],
-        ),
-        f"{RESULTS}/figures/gradcam_true_positives.png",
-        f"{RESULTS}/figures/gradcam_false_positives.png",
+        *get_evaluation_files(),
+        *(f"{FIGURES}/{spec.file}" for spec in figures.values()),
+        TRAINING_CURVES,
     ]

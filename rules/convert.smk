@@ -11,7 +11,8 @@ rule convert:
     resources:
         **get_resources("convert"),
     params:
-        dicom_root=get_dicom_root,
+        source_root=get_source_root,
+        images_table=bool(IMAGES_TABLE),
         compression_level=config["convert"]["compression_level"],
         uneven_spacing=config["convert"]["uneven_spacing"],
         gantry_tilt=config["convert"]["gantry_tilt"],

@@ -1,35 +1,12 @@
 rule figures:
     input:
-        curves=f"{RESULTS}/evaluate/curves.json",
+        evaluation=get_evaluation_files(),
         histories=expand(f"{RESULTS}/train/fold{{fold}}/history.tsv", fold=FOLDS),
         series=get_series_table,  # re-planned after the index (rules/common.smk)
     output:
-        roc=report(
-            f"{RESULTS}/figures/roc.png",
-            caption="../report/roc.rst",
-            category="Performance",
-            labels={"figure": "ROC"},
-        ),
-        pr=report(
-            f"{RESULTS}/figures/precision_recall.png",
-            caption="../report/precision_recall.rst",
-            category="Performance",
-            labels={"figure": "precision-recall"},
-        ),
-        calibration=report(
-            f"{RESULTS}/figures/calibration.png",
-            caption="../report/calibration.rst",
-            category="Performance",
-            labels={"figure": "calibration"},
-        ),
-        confusion=report(
-            f"{RESULTS}/figures/confusion.png",
-            caption="../report/confusion.rst",
-            category="Performance",
-            labels={"figure": "confusion matrix"},
-        ),
-        training=report(
-            f"{RESULTS}/figures/training_curves.png",
+        **task_files(FIGURES, TASK.figure_files()),
+        training_curves=report(
+            TRAINING_CURVES,
             caption="../report/training_curves.rst",
             category="Training",
             labels={"figure": "training curves"},
@@ -37,43 +14,38 @@ rule figures:
     log:
         f"{LOGS}/figures.log",
     conda:
-        "../envs/figures.yaml"
+        "../envs/task.yaml"
     threads: 1
     resources:
         **get_resources("figures"),
+    params:
+        task=config["task"],
+        monitor_label=TASK.monitor_label,  # named by the training curves' caption
     script:
         "../scripts/figures.py"
 
 
-rule gradcam:
-    input:
-        models=expand(f"{RESULTS}/train/fold{{fold}}/model.pt", fold=FOLDS),
-        preprocessed=get_preprocessed(),
-        per_case=f"{RESULTS}/evaluate/per_case.tsv",
-        annotations=f"{RESULTS}/index/{C.ANNOTATIONS_TABLE}",
-    output:
-        true_positives=report(
-            f"{RESULTS}/figures/gradcam_true_positives.png",
-            caption="../report/gradcam.rst",
-            category="Explanations",
-            labels={"figure": "Grad-CAM, true positives"},
-        ),
-        false_positives=report(
-            f"{RESULTS}/figures/gradcam_false_positives.png",
-            caption="../report/gradcam.rst",
-            category="Explanations",
-            labels={"figure": "Grad-CAM, false positives"},
-        ),
-    log:
-        f"{LOGS}/gradcam.log",
-    conda:
-        "../envs/figures.yaml"
-    threads: get_threads("figures")
-    resources:
-        **get_resources("gradcam"),
-    params:
-        task=config["task"],
-        layer=config["figures"]["cam_layer"],
-        n_cases=config["figures"]["cam_cases"],
-    script:
-        "../scripts/gradcam.py"
+# Figures of single cases drawn through the fold models (classification: Grad-CAM),
+# where the task has any.
+if TASK.case_figure_files():
+
+    rule case_figures:
+        input:
+            models=expand(f"{RESULTS}/train/fold{{fold}}/model.pt", fold=FOLDS),
+            preprocessed=get_preprocessed(),
+            evaluation=get_evaluation_files(),
+            annotations=f"{RESULTS}/index/{C.ANNOTATIONS_TABLE}",
+        output:
+            **task_files(FIGURES, TASK.case_figure_files()),
+        log:
+            f"{LOGS}/case_figures.log",
+        conda:
+            "../envs/task.yaml"
+        threads: get_threads("figures")
+        resources:
+            **get_resources("case_figures"),
+        params:
+            task=config["task"],
+            figures=config["figures"],
+        script:
+            "../scripts/case_figures.py"

@@ -1,9 +1,10 @@
 checkpoint index:
     input:
-        dicom=get_dicom_input(),
-        labels=config["data"]["labels_table"],
+        source=get_source_input(),
+        labels=get_labels_input(),
         annotations=get_annotations_input(),
         key=KEY_FILE,
+        split_table=get_split_table_input(),
     output:
         series=f"{RESULTS}/index/{C.SERIES_TABLE}",
         quarantine=report(
@@ -14,6 +15,7 @@ checkpoint index:
         ),
         annotations=f"{RESULTS}/index/{C.ANNOTATIONS_TABLE}",
         summary=f"{RESULTS}/index/{C.INDEX_SUMMARY}",
+        official_split=f"{RESULTS}/index/{OFFICIAL_SPLIT_TABLE}",
         quarantine_paths=f"{PRIVATE}/{C.QUARANTINE_PATHS}",
         shard_files=expand(f"{PRIVATE}/{C.SHARD_INDEX_DIR}/{{shard}}.tsv", shard=SHARDS),
     log:
@@ -24,8 +26,7 @@ checkpoint index:
     resources:
         **get_resources("index"),
     params:
-        dicom_root=get_dicom_root,
-        labels=get_label_params(),
+        data=get_data_params(),
         n_shards=N_SHARDS,
         tree_fingerprint=get_tree_fingerprint(),
     script:

@@ -9,7 +9,7 @@ rule predict:
     log:
         f"{LOGS}/predict/fold{{fold}}.log",
     conda:
-        "../envs/train.yaml"
+        "../envs/task.yaml"
     threads: get_threads("predict")
     resources:
         **get_resources("predict"),
@@ -18,6 +18,6 @@ rule predict:
         task=config["task"],
         device=config["train"]["device"],
         batch_size=config["train"]["eval_batch_size"],
-        calibrate=config["evaluate"]["calibration"] == "platt",
+        calibration=config["evaluate"]["calibration"],
     script:
         "../scripts/predict.py"

@@ -1,6 +1,7 @@
 rule split:
     input:
-        get_series_table,
+        series=get_series_table,
+        official=f"{RESULTS}/index/{OFFICIAL_SPLIT_TABLE}",
     output:
         f"{RESULTS}/split/folds.tsv",
     log:

@@ -11,7 +11,7 @@ rule train:
     benchmark:
         f"{RESULTS}/benchmarks/train/fold{{fold}}.tsv"
     conda:
-        "../envs/train.yaml"
+        "../envs/task.yaml"
     threads: get_threads("train")
     resources:
         **get_resources("train"),

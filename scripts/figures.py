@@ -1,4 +1,4 @@
-"""Snakemake entry: performance and training figures, drawn from stored numbers."""
+"""Snakemake entry: the training curves and the task's figures, drawn from stored numbers."""
 
 import sys
 from pathlib import Path
@@ -6,21 +6,26 @@ from pathlib import Path
 snakemake = globals()["snakemake"]
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this workflow's radflow
 
-import json
-
 import pandas as pd
 
-from radflow import figures
+from radflow.figures import plot_training_curves
 from radflow.runlog import log_to
+from radflow.tasks import get_task
 
 with log_to(snakemake.log[0]):
-    curves = json.loads(open(snakemake.input.curves).read())
-    figures.plot_roc(curves, snakemake.output.roc)
-    figures.plot_precision_recall(curves, snakemake.output.pr)
-    figures.plot_calibration(curves, snakemake.output.calibration)
-    figures.plot_confusion(curves, snakemake.output.confusion)
+    task = get_task(snakemake.params.task, modules=snakemake.config["task_modules"])
+    task.draw_figures(
+        Path(snakemake.input.evaluation[0]).parent,  # results/evaluate/
+        {name: Path(snakemake.output[name]) for name in task.figure_files()},
+    )
     histories = {}
     for path in snakemake.input.histories:
         history = pd.read_csv(path, sep="\t")
         histories[int(history["fold"].iloc[0])] = history
-    figures.plot_training_curves(histories, snakemake.output.training)
+    plot_training_curves(
+        histories,
+        snakemake.output.training_curves,
+        monitor=task.monitor,
+        monitor_label=task.monitor_label,
+        monitor_axis=task.monitor_axis,
+    )

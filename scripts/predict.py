@@ -16,9 +16,10 @@ with log_to(snakemake.log[0]):
         snakemake.input.folds,
         int(snakemake.wildcards.fold),
         task_name=snakemake.params.task,
+        task_modules=snakemake.config["task_modules"],
         device=snakemake.params.device,
         batch_size=snakemake.params.batch_size,
         threads=snakemake.threads,
-        calibrate=snakemake.params.calibrate,
+        calibration=snakemake.params.calibration,
         out_path=snakemake.output[0],
     )

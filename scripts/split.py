@@ -1,4 +1,5 @@
-"""Snakemake entry: patient-level stratified test set and k folds."""
+"""Snakemake entry: the patient-level split: radflow's stratified test set and k folds,
+or the official split table's (pseudonymised by the index)."""
 
 import sys
 from pathlib import Path
@@ -8,11 +9,36 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this workflow's rad
 
 import pandas as pd
 
+from radflow import conventions as C
 from radflow.runlog import log_to
-from radflow.split import split_patients, write_split
+from radflow.split import (
+    apply_official_split,
+    apply_official_test_split,
+    split_patients,
+    write_split,
+)
 
 with log_to(snakemake.log[0]):
-    series = pd.read_csv(snakemake.input[0], sep="\t", dtype=str, keep_default_na=False)
-    series["label"] = series["label"].astype(int)
-    assignment = split_patients(series, seed=snakemake.params.seed, **snakemake.params.split)
+    series = pd.read_csv(snakemake.input.series, sep="\t", dtype=str, keep_default_na=False)
+    series[C.LABEL] = series[C.LABEL].astype(int)
+    official = pd.read_csv(snakemake.input.official, sep="\t", dtype=str, keep_default_na=False)
+    settings = snakemake.params.split
+    if settings.get("table") and settings["table_folds"] == "cross_validation":
+        print(f"split: the official split table's test patients; the others dealt into "
+              f"{settings['n_folds']} stratified folds (seed {snakemake.params.seed})")  # fmt: skip
+        assignment = apply_official_test_split(
+            series, official, n_folds=settings["n_folds"], seed=snakemake.params.seed
+        )
+    elif settings.get("table"):
+        print(f"split: the official split table ({len(official)} patients) as given; "
+              "split.test_fraction is not used")  # fmt: skip
+        assignment = apply_official_split(series, official)
+    else:
+        print(f"split: radflow's patient-level stratified split (seed {snakemake.params.seed})")
+        assignment = split_patients(
+            series,
+            seed=snakemake.params.seed,
+            n_folds=settings["n_folds"],
+            test_fraction=settings["test_fraction"],
+        )
     write_split(assignment, snakemake.output[0])

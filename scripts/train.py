@@ -15,6 +15,7 @@ with log_to(snakemake.log[0]):
         snakemake.input.folds,
         int(snakemake.wildcards.fold),
         task_name=snakemake.params.task,
+        task_modules=snakemake.config["task_modules"],
         settings=TrainSettings.from_config(
             snakemake.params.train, snakemake.params.model, snakemake.params.seed
         ),

@@ -26,8 +26,15 @@ from radflow.conventions import (  # noqa: E402
     SPLIT_VAL,
 )
 from radflow.evaluate import evaluate_classification  # noqa: E402
+from radflow.tasks import get_task  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_CLASSIFICATION = get_task("classification")
+CLASSIFICATION_MONITOR = {
+    "monitor": _CLASSIFICATION.monitor,
+    "monitor_label": _CLASSIFICATION.monitor_label,
+    "monitor_axis": _CLASSIFICATION.monitor_axis,
+}
 
 
 def _ci(value, low, high):
@@ -164,17 +171,50 @@ def test_training_curves(tmp_path):
         )
         for fold in range(3)
     }
-    fig = F.plot_training_curves(histories, tmp_path / "train.png")
+    fig = F.plot_training_curves(histories, tmp_path / "train.png", **CLASSIFICATION_MONITOR)
     ax_loss, ax_auc, ax_lr = fig.axes[:3]
     assert len(ax_loss.lines) == 3 * 2 + 3 and ax_lr.get_yscale() == "log"
     stars = [line for line in ax_auc.lines if line.get_marker() == "*"]
     np.testing.assert_allclose([s.get_xdata()[0] for s in stars], [4, 5, 6])
     np.testing.assert_allclose([s.get_ydata()[0] for s in stars], [0.9, 0.9, 0.9])
     assert ax_auc.get_xlabel() == "Epoch"
+    assert ax_auc.get_title() == "Validation AUROC (\u2605 best epoch)"
+    assert ax_auc.get_ylabel() == "AUROC (fraction)"
     _assert_png(tmp_path / "train.png")
 
     with pytest.raises(ValueError, match="fold 0 lacks column"):
-        F.plot_training_curves({0: histories[0].drop(columns="lr")}, tmp_path / "x.png")
+        F.plot_training_curves(
+            {0: histories[0].drop(columns="lr")}, tmp_path / "x.png", **CLASSIFICATION_MONITOR
+        )
+
+
+def test_training_curves_draw_the_tasks_monitor(tmp_path):
+    """The score panel shows whatever column the task monitors, under the task's names;
+    a history without that column is refused by name."""
+    epochs = np.arange(6)
+    history = pd.DataFrame(
+        {
+            "epoch": epochs,
+            "train_loss": np.exp(-epochs / 4),
+            "val_loss": np.exp(-epochs / 5),
+            "val_r2": [0.1, 0.3, 0.5, 0.45, 0.4, 0.2],
+            "lr": np.full(6, 1e-3),
+        }
+    )
+    monitor = {
+        "monitor": "val_r2",
+        "monitor_label": "R\u00b2",
+        "monitor_axis": "R\u00b2 (fraction)",
+    }
+    fig = F.plot_training_curves({0: history}, tmp_path / "r2.png", **monitor)
+    ax_score = fig.axes[1]
+    np.testing.assert_allclose(ax_score.lines[0].get_ydata(), history["val_r2"])
+    (star,) = [line for line in ax_score.lines if line.get_marker() == "*"]
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (2, 0.5)
+    assert ax_score.get_title() == "Validation R\u00b2 (\u2605 best epoch)"
+    assert ax_score.get_ylabel() == "R\u00b2 (fraction)"
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['val_auroc'\]"):
+        F.plot_training_curves({0: history}, tmp_path / "x.png", **CLASSIFICATION_MONITOR)
 
 
 def test_cam_grid(tmp_path):
@@ -208,7 +248,7 @@ def test_empty_inputs_give_a_message(tmp_path):
     fig = F.plot_cam_grid([], tmp_path / "empty.png", "False negatives")
     assert any("no cases in this category" in t.get_text() for ax in fig.axes for t in ax.texts)
     _assert_png(tmp_path / "empty.png", min_bytes=2_000)
-    fig = F.plot_training_curves({}, tmp_path / "none.png")
+    fig = F.plot_training_curves({}, tmp_path / "none.png", **CLASSIFICATION_MONITOR)
     assert any("no training history" in t.get_text() for ax in fig.axes for t in ax.texts)
 
 

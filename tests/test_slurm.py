@@ -181,7 +181,9 @@ def test_every_job_ran_as_a_slurm_job_with_its_resources(cluster, runs):
             assert minutes(job["TimeLimit"]) == asked["runtime_min"], (rule, job["TimeLimit"])
             assert f"mem={asked['mem_mb']}M" in job["TRES"], (rule, job["TRES"])
             fixed = rule in ("split", "evaluate", "figures")  # `threads: 1` in the rule
-            threads = 1 if fixed else config["threads"]["figures" if rule == "gradcam" else rule]
+            threads = (
+                1 if fixed else config["threads"]["figures" if rule == "case_figures" else rule]
+            )
             assert f"cpu={threads}," in job["TRES"], (rule, job["TRES"])
     # every planned job but the target rule (run by Snakemake itself) ran inside SLURM
     assert Counter(rule for rule, _ in ran_in) == planned - Counter(all=1)

@@ -9,6 +9,7 @@ import torch
 from radflow.augment import AugmentSettings
 from radflow.gradcam import cam_hits_lesion, ensemble_cam
 from radflow.inference import load_model, predict_logits
+from radflow.models import ModelSettings
 from radflow.tasks import get_task
 from radflow.train import TrainSettings, train_model
 
@@ -37,7 +38,7 @@ SETTINGS = TrainSettings(
     seed=0,
     warmup_epochs=0.5,
     augment=AugmentSettings(rotation_deg=5, noise_std=0.01),
-    model={"depth": 18, "base_width": 8},
+    model=ModelSettings(depth=18, base_width=8),
 )
 
 

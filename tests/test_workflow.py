@@ -30,7 +30,7 @@ ALL_RULES = {
     "predict",
     "evaluate",
     "figures",
-    "gradcam",
+    "case_figures",
     "all",
 }
 
@@ -108,6 +108,8 @@ def test_study_runs_end_to_end(study):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (results / "report.html").read_text(errors="replace")
     assert "roc.png" in report and "metrics.tsv" in report
+    # captions come from the task's report entries; the training curves' names its monitor
+    assert "epoch of best validation AUROC" in report and "Grad-CAM maps" in report
     # the corrupt file, the structured report and the text file were quarantined, not fatal
     quarantine = (results / "index" / "quarantine.tsv").read_text()
     assert "truncated" in quarantine and "SR" in quarantine and "not a DICOM" in quarantine
@@ -138,7 +140,15 @@ def test_preprocessing_change_reruns_preprocessing_and_after_only(study, tmp_pat
         tmp_path, "pre", {"preprocess": {**tiny["preprocess"], "xray_percentiles": [1.0, 99.0]}}
     )
     jobs = planned_jobs(study, [changed])
-    assert set(jobs) == {"preprocess", "train", "predict", "evaluate", "figures", "gradcam", "all"}
+    assert set(jobs) == {
+        "preprocess",
+        "train",
+        "predict",
+        "evaluate",
+        "figures",
+        "case_figures",
+        "all",
+    }
     assert jobs["preprocess"] == 2 and jobs["train"] == 2
 
 
@@ -146,12 +156,74 @@ def test_training_change_reruns_training_and_after_only(study, tmp_path):
     tiny = yaml.safe_load(TINY.read_text())
     changed = _override(tmp_path, "train", {"train": {**tiny["train"], "learning_rate": 0.01}})
     jobs = planned_jobs(study, [changed])
-    assert set(jobs) == {"train", "predict", "evaluate", "figures", "gradcam", "all"}
+    assert set(jobs) == {"train", "predict", "evaluate", "figures", "case_figures", "all"}
 
 
 def test_evaluation_change_leaves_models_alone(study, tmp_path):
     changed = _override(tmp_path, "eval", {"evaluate": {"n_boot": 300}})
-    assert set(planned_jobs(study, [changed])) == {"evaluate", "figures", "gradcam", "all"}
+    assert set(planned_jobs(study, [changed])) == {"evaluate", "figures", "case_figures", "all"}
+
+
+TOY_TASK = REPO / "tests" / "toy_task.py"
+
+
+def test_a_registered_second_task_runs_through_the_same_stages(study, tmp_path):
+    """A task registered from outside radflow (tests/toy_task.py: the label regressed as
+    a number, MSE loss, R² monitor, MAE evaluation, one scatter figure, no calibration,
+    no case figures) runs the tiny study: the stages after the split hold no
+    classification code. The study's inputs and stages up to the split are copied with
+    Snakemake's records of them, so only the task's stages run."""
+    workdir = tmp_path / "toy"
+    task_stages = {"train", "predict", "evaluate", "figures", "logs", "benchmarks", "report.html"}
+    shutil.copytree(
+        study,
+        workdir,
+        symlinks=True,
+        ignore=lambda folder, names: (
+            task_stages & set(names) if Path(folder) == study / "results" else set()
+        ),
+    )
+    toy = _override(
+        tmp_path,
+        "toy",
+        {
+            "task": "toy_regression",
+            "task_modules": [str(TOY_TASK)],
+            "evaluate": {"calibration": "none"},  # Platt scaling is classification's
+        },
+    )
+    assert planned_jobs(workdir, [toy]) == {
+        "train": 2,
+        "predict": 2,
+        "evaluate": 1,
+        "figures": 1,
+        "all": 1,
+    }
+    snakemake(workdir, configs=[toy])
+    results = workdir / "results"
+    history = (results / "train" / "fold0" / "history.tsv").read_text().splitlines()[0]
+    assert "val_r2" in history.split("\t") and "val_auroc" not in history
+    columns = (results / "predict" / "fold0.tsv").read_text().splitlines()[0].split("\t")
+    assert columns == ["series_pid", "patient_pid", "label", "fold", "split", "score"]
+    assert sorted(p.name for p in (results / "evaluate").iterdir()) == [
+        "errors.tsv",
+        "regression.json",
+    ]
+    metrics = json.loads((results / "evaluate" / "regression.json").read_text())
+    assert metrics["test"]["n_cases"] > 0 and metrics["test"]["mae"] >= 0
+    figures = sorted(p.name for p in (results / "figures").iterdir())
+    assert figures == ["toy_scatter.png", "training_curves.png"]  # no ROC, no Grad-CAM
+    assert all((results / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
+    assert planned_jobs(workdir, [toy]) == {}
+    # the same study with the built-in task wants its own outputs back
+    assert set(planned_jobs(workdir)) == {
+        "train",
+        "predict",
+        "evaluate",
+        "figures",
+        "case_figures",
+        "all",
+    }
 
 
 def _text_of(path: Path) -> bytes:

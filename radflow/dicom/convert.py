@@ -403,6 +403,39 @@ def _convert_job(kwargs: dict[str, Any]) -> dict[str, Any]:
     return convert_unit(**kwargs)
 
 
+def run_jobs(
+    fn, jobs: list[dict[str, Any]], processes: int, columns: list[str], *, unit: str,
+    progress: bool = True, failed: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Manifest rows of `fn(job)` for every job (each has a "series_pid"), in `processes`
+    worker processes, with a progress bar. A worker that dies (e.g. killed for memory)
+    gives a failed row with the reason instead of stopping the shard; `failed` adds
+    fields to such rows. Used by both converters (DICOM units, images-table cases)."""
+    from tqdm import tqdm
+
+    rows = []
+    with tqdm(total=len(jobs), desc="convert", unit=unit, file=sys.stderr, mininterval=2,
+              disable=not progress) as bar:  # fmt: skip
+        if processes == 1:
+            for job in jobs:
+                rows.append(fn(job))
+                bar.update(1)
+            return rows
+        with ProcessPoolExecutor(max_workers=processes) as pool:
+            futures = {pool.submit(fn, job): job for job in jobs}
+            for future in as_completed(futures):
+                try:
+                    rows.append(future.result())
+                except Exception as exc:
+                    row = dict.fromkeys(columns, "")
+                    row.update({C.SERIES_PID: futures[future]["series_pid"],
+                                C.STATUS: C.STATUS_FAILED, **(failed or {}),
+                                C.REASON: f"worker process failed ({type(exc).__name__})"})  # fmt: skip
+                    rows.append(row)
+                bar.update(1)
+    return rows
+
+
 def convert_shard(
     shard_files_tsv: str | os.PathLike,
     dicom_root: str | os.PathLike,
@@ -437,28 +470,8 @@ def convert_shard(
              uneven_spacing=uneven_spacing, gantry_tilt=gantry_tilt, threads=unit_threads)
         for series_pid, group in groups
     ]  # fmt: skip
-    from tqdm import tqdm
-
-    rows = []
-    with tqdm(total=len(jobs), desc="convert", unit="unit", file=sys.stderr,
-              disable=not progress) as bar:  # fmt: skip
-        if processes == 1:
-            for job in jobs:
-                rows.append(_convert_job(job))
-                bar.update(1)
-        else:
-            with ProcessPoolExecutor(max_workers=processes) as pool:
-                futures = {pool.submit(_convert_job, job): job for job in jobs}
-                for future in as_completed(futures):
-                    try:
-                        rows.append(future.result())
-                    except Exception as exc:  # a worker died (e.g. killed for memory)
-                        row = dict.fromkeys(MANIFEST_COLUMNS, "")
-                        row.update({C.SERIES_PID: futures[future]["series_pid"],
-                                    C.STATUS: C.STATUS_FAILED,
-                                    C.REASON: f"worker process failed ({type(exc).__name__})"})  # fmt: skip
-                        rows.append(row)
-                    bar.update(1)
+    rows = run_jobs(_convert_job, jobs, processes, MANIFEST_COLUMNS, unit="unit",
+                    progress=progress)  # fmt: skip
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     manifest = manifest.sort_values(C.SERIES_PID, kind="stable").reset_index(drop=True)
     write_tsv(manifest, out / C.MANIFEST)

@@ -129,7 +129,7 @@ class IndexResult:
         """A few PHI-free log lines: counts only."""
         s = self.summary
         lines = [
-            f"index: {s['n_files']} files, {s['n_image_files']} image instances, "
+            f"index: {s['n_files']} files, {s['n_image_files']} image files, "
             f"{s['n_units_found']} image units found",
             f"index: {s['n_units']} labelled units kept ({s['n_positive']} positive, "
             f"{s['n_negative']} negative) from {s['n_patients']} patients and "
@@ -142,11 +142,15 @@ class IndexResult:
         if s.get("n_series_split"):
             by_key = ", ".join(f"{n} by {k}" for k, n in s["units_from_split_series"].items())
             lines.append(f"index: {s['n_series_split']} series split into stacks ({by_key} units)")
-        lines.append(
-            f"index: {s['n_label_keys_unmatched']} of {s['n_label_keys']} label keys "
-            "match no image unit"
-        )
-        if s["n_label_keys_with_several_patients"]:
+        if "n_label_keys" in s:  # DICOM input: labels come from a separate table
+            lines.append(
+                f"index: {s['n_label_keys_unmatched']} of {s['n_label_keys']} label keys "
+                "match no image unit"
+            )
+        if s.get("channels"):
+            lines.append(f"index: channels {', '.join(s['channels'])} (the first is the "
+                         "reference grid)")  # fmt: skip
+        if s.get("n_label_keys_with_several_patients"):
             lines.append(
                 f"index: WARNING {s['n_label_keys_with_several_patients']} label keys occur "
                 f"with more than one {s['patient_key']}: check for merged patient records"

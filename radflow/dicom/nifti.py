@@ -20,14 +20,15 @@ VOX_OFFSET = 352
 
 
 def nifti_header_bytes(volume: np.ndarray, affine: np.ndarray) -> bytes:
-    """The 352 bytes before the voxels of the .nii of `volume` (slices, rows, cols).
+    """The 352 bytes before the voxels of the .nii of `volume` (slices, rows, cols), or
+    (channels, slices, rows, cols) for a multi-channel image (channels on the 4th axis).
 
     The image is (i = column, j = row, k = slice), data type that of `volume`; qform and
     sform both hold the RAS `affine` (code 1, scanner), units are mm, descrip is
     "radflow <version>", intent_name/aux_file/db_name are empty, scl_slope 1, scl_inter 0,
     no extensions. Only shape and dtype of `volume` are used (the transpose is a view).
     """
-    image = nib.Nifti1Image(np.asarray(volume).transpose(2, 1, 0), affine)
+    image = nib.Nifti1Image(np.asarray(volume).T, affine)
     header = image.header
     header.set_data_dtype(volume.dtype)
     image.set_qform(affine, code=1)
@@ -123,3 +124,24 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...]]:
     data = np.asarray(image.get_fdata(dtype=np.float32))
     sx, sy, sz = (round(float(z), 6) for z in image.header.get_zooms()[:3])
     return np.ascontiguousarray(data.transpose(2, 1, 0)), (sz, sy, sx)
+
+
+def read_channels(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A multi-channel image (channels on the 4th NIfTI axis, as the images-table
+    conversion writes them): (C, *spatial) float32 and the spatial spacing, each channel
+    laid out as `read_image` lays out a single-channel image. A 3D file gives C = 1."""
+    image = nib.load(os.fspath(path))
+    if len(image.shape) <= 3:
+        data, spacing = read_image(path)
+        return data[None], spacing
+    planar = image.shape[2] == 1
+    if not planar:
+        image = nib.as_closest_canonical(image)
+    data = np.asarray(image.get_fdata(dtype=np.float32))
+    zooms = [round(float(z), 6) for z in image.header.get_zooms()[:3]]
+    channels = data.reshape(*data.shape[:3], -1)
+    if planar:
+        out = channels[:, :, 0, :].transpose(2, 1, 0)  # (C, rows, cols)
+        return np.ascontiguousarray(out), (zooms[1], zooms[0])
+    out = channels.transpose(3, 2, 1, 0)  # (C, k, j, i)
+    return np.ascontiguousarray(out), (zooms[2], zooms[1], zooms[0])
