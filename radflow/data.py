@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from radflow import conventions as C
+from radflow.tables import read_tsv
 
 
 class PreprocessedStore:
@@ -30,7 +31,7 @@ class PreprocessedStore:
         frames = []
         for shard_index, shard_dir in enumerate(shard_dirs):
             shard_dir = Path(shard_dir)
-            manifest = pd.read_csv(shard_dir / C.MANIFEST, sep="\t", dtype={C.SERIES_PID: str})
+            manifest = read_tsv(shard_dir / C.MANIFEST)
             self._arrays.append(np.load(shard_dir / C.PREPROCESSED_ARRAY, mmap_mode="r"))
             manifest["_shard"] = shard_index
             frames.append(manifest)

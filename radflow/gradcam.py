@@ -18,6 +18,7 @@ from torch import nn
 
 from radflow import conventions as C
 from radflow.preprocess import mapping_from_row
+from radflow.tables import read_tsv
 
 
 def grad_cam(
@@ -110,9 +111,9 @@ def run_cam_figures(
 
     torch.set_num_threads(max(1, threads))
     store = PreprocessedStore(preprocessed_dirs)
-    per_case = pd.read_csv(per_case_table, sep="\t", dtype={C.SERIES_PID: str})
+    per_case = read_tsv(per_case_table)
     test = per_case[per_case[C.SPLIT] == C.SPLIT_TEST]
-    annotations = pd.read_csv(annotations_table, sep="\t", dtype={C.SERIES_PID: str})
+    annotations = read_tsv(annotations_table)
     models = [
         load_model(
             path,

@@ -43,7 +43,7 @@ import pandas as pd
 from radflow import conventions as C
 from radflow.dicom.index import IndexResult
 from radflow.labels import _line, _require_columns
-from radflow.tables import read_table, write_bytes_atomic, write_tsv
+from radflow.tables import read_table, read_tsv, write_bytes_atomic, write_tsv
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 PLANAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -255,7 +255,8 @@ def table_fingerprint(images_table: str | os.PathLike, columns: TableColumns) ->
 def _read_rows(images_table, columns: TableColumns, modality: str, need_label: bool) -> list[_Row]:
     table = read_table(images_table)
     required = [columns.patient, columns.path] + ([columns.label] if need_label else [])
-    _require_columns(table, images_table, required)
+    _require_columns(table, images_table, required,
+                     "data.columns (patient, path) and data.label_column")  # fmt: skip
     if table.empty:
         raise ValueError(f"{images_table}: the images table has no rows")
     has = set(table.columns)
@@ -524,7 +525,7 @@ MANIFEST_COLUMNS = [C.SERIES_PID, C.STATUS, C.REASON, "route", "ndim", "shape", 
 
 
 def read_shard_table(path: str | os.PathLike) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+    return read_tsv(path, text=True)
 
 
 def _planar_pixels(path: str) -> tuple[np.ndarray, dict]:

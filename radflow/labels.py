@@ -19,13 +19,17 @@ from radflow import conventions as C
 from radflow.tables import read_table
 
 
-def _require_columns(table: pd.DataFrame, path: str | os.PathLike, columns: Iterable[str]) -> None:
+def _require_columns(
+    table: pd.DataFrame,
+    path: str | os.PathLike,
+    columns: Iterable[str],
+    settings: str = "the label_key / label_column settings",
+) -> None:
     for column in columns:
         if column not in table.columns:
             present = ", ".join(repr(c) for c in table.columns)
             raise ValueError(
-                f"{path}: no column {column!r} (columns present: {present}); "
-                "check the label_key / label_column settings"
+                f"{path}: no column {column!r} (columns present: {present}); check {settings}"
             )
 
 

@@ -17,6 +17,7 @@ from radflow import conventions as C
 from radflow.data import PreprocessedStore
 from radflow.inference import load_model, predict_logits, resolve_device
 from radflow.split import fold_members
+from radflow.tables import read_tsv
 from radflow.tasks import get_task
 
 
@@ -46,7 +47,7 @@ def predict_fold(
     torch.set_num_threads(max(1, threads))
     task = get_task(task_name, modules=task_modules)
     store = PreprocessedStore(preprocessed_dirs)
-    folds = pd.read_csv(folds_table, sep="\t", dtype={C.SERIES_PID: str, C.PATIENT_PID: str})
+    folds = read_tsv(folds_table)
     folds = folds[folds[C.SERIES_PID].map(store.__contains__)]
     _, val_rows, test_rows = fold_members(folds, fold)
     torch_device = resolve_device(device)

@@ -34,7 +34,7 @@ import pandas as pd
 from scipy import ndimage
 
 from radflow import conventions as C
-from radflow.tables import atomic_path
+from radflow.tables import atomic_path, read_tsv
 
 XRAY_MODALITIES = C.PROJECTION_MODALITIES
 CT_MODALITIES = frozenset({"CT"})
@@ -266,7 +266,7 @@ def preprocess_shard(
     converted units whose dimensionality is not the study's. Returns the manifest.
     """
     nifti_dir, out_dir = Path(nifti_dir), Path(out_dir)
-    converted = pd.read_csv(nifti_dir / C.MANIFEST, sep="\t", dtype=str, keep_default_na=False)
+    converted = read_tsv(nifti_dir / C.MANIFEST, text=True)
     converted = converted[converted["status"] == "ok"].sort_values(C.SERIES_PID)
     # A study has one image dimensionality (len(target_shape_px)); a unit of another
     # (a CT volume in a radiograph study, a single-slice volume in a 3D study) is left out

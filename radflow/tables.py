@@ -1,4 +1,5 @@
-"""Tables and files between stages: one reader for user tables, one atomic writer.
+"""Tables and files between stages: one reader for user tables (`read_table`), one for
+radflow's own tables (`read_tsv`), one atomic writer (`atomic_path`, `write_bytes_atomic`).
 
 Every file a stage writes goes through a temporary name in the same folder and
 `os.replace`, so a killed job never leaves a partial file; an unchanged file keeps its
@@ -40,6 +41,33 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     )
     table.columns = [str(c).strip() for c in table.columns]
     return table.apply(lambda col: col.str.strip()) if len(table) else table
+
+
+#: Columns of radflow's own tables that are text whatever they hold: identifiers,
+#: reasons, paths, names (an id "007" must not become the number 7).
+TEXT_COLUMNS = (
+    "series_pid", "study_pid", "patient_pid", "file_id", "path", "reason", "modality",
+    "frames", "unit_keys", "split", "status", "route", "shape", "spacing_mm", "dtype",
+    "in_shape", "in_spacing_mm", "scale", "offset", "out_spacing_mm", "channel", "role",
+    "channels", "source_format", "photometric", "pixel_spacing_mm", "body_part",
+    "view_position", "manufacturer", "outcome",
+)  # fmt: skip
+
+
+def read_tsv(path: str | os.PathLike, *, text: bool = False) -> pd.DataFrame:
+    """One of radflow's own tab-separated tables (what a stage wrote for the next), with
+    one set of rules for every stage: UTF-8 (undecodable file-name bytes kept), the
+    `TEXT_COLUMNS` as text with "" for empty cells, every other column parsed as numbers
+    where it holds numbers, empty cells NaN; "NA", "null", "None" are never missing
+    values. `text=True` reads every column as text (private tables of file paths)."""
+    options = dict(sep="\t", keep_default_na=False, encoding="utf-8",
+                   encoding_errors="surrogateescape")  # fmt: skip
+    if text:
+        return pd.read_csv(path, dtype=str, na_filter=False, **options)
+    table = pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, str), na_values=[""], **options)
+    for column in table.columns.intersection(TEXT_COLUMNS):
+        table[column] = table[column].fillna("").astype(str)
+    return table
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:

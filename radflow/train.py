@@ -28,7 +28,7 @@ from radflow.config import check_keys, schema_defaults
 from radflow.data import BatchIterator
 from radflow.inference import predict_logits, resolve_device, to_device
 from radflow.models import ModelSettings
-from radflow.tables import atomic_path
+from radflow.tables import atomic_path, read_tsv
 
 _DEFAULTS = schema_defaults("train")  # config/schema.yaml is the one place defaults live
 
@@ -125,7 +125,10 @@ def train_model(
         lr=settings.learning_rate,
         fused=on_cuda,
     )
-    steps_per_epoch = math.ceil(len(train_images) / settings.batch_size)
+    # A last batch of one case is dropped (batch norm cannot train on one value per
+    # channel); that case falls into a full batch in the other epochs' shuffles.
+    single_left = len(train_images) % settings.batch_size == 1 and len(train_images) > 1
+    steps_per_epoch = math.ceil(len(train_images) / settings.batch_size) - int(single_left)
     total_steps = steps_per_epoch * settings.epochs
     warmup_steps = max(1, round(settings.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -145,7 +148,7 @@ def train_model(
         loader = BatchIterator(
             train_images,
             train_targets,
-            order_rng.permutation(len(train_images)),
+            order_rng.permutation(len(train_images))[: len(train_images) - int(single_left)],
             settings.batch_size,
             pin_memory=on_cuda,
         )
@@ -237,7 +240,7 @@ def run_fold(
 
     task = get_task(task_name, modules=task_modules, train=settings)
     store = PreprocessedStore(preprocessed_dirs)
-    folds = pd.read_csv(folds_table, sep="\t", dtype={C.SERIES_PID: str, C.PATIENT_PID: str})
+    folds = read_tsv(folds_table)
     available = folds[folds[C.SERIES_PID].map(store.__contains__)]
     if len(available) < len(folds):
         print(

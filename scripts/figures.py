@@ -6,10 +6,10 @@ from pathlib import Path
 snakemake = globals()["snakemake"]
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this workflow's radflow
 
-import pandas as pd
 
 from radflow.figures import plot_training_curves
 from radflow.runlog import log_to
+from radflow.tables import read_tsv
 from radflow.tasks import get_task
 
 with log_to(snakemake.log[0]):
@@ -20,7 +20,7 @@ with log_to(snakemake.log[0]):
     )
     histories = {}
     for path in snakemake.input.histories:
-        history = pd.read_csv(path, sep="\t")
+        history = read_tsv(path)
         histories[int(history["fold"].iloc[0])] = history
     plot_training_curves(
         histories,

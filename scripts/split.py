@@ -7,9 +7,7 @@ from pathlib import Path
 snakemake = globals()["snakemake"]
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this workflow's radflow
 
-import pandas as pd
 
-from radflow import conventions as C
 from radflow.runlog import log_to
 from radflow.split import (
     apply_official_split,
@@ -17,11 +15,11 @@ from radflow.split import (
     split_patients,
     write_split,
 )
+from radflow.tables import read_tsv
 
 with log_to(snakemake.log[0]):
-    series = pd.read_csv(snakemake.input.series, sep="\t", dtype=str, keep_default_na=False)
-    series[C.LABEL] = series[C.LABEL].astype(int)
-    official = pd.read_csv(snakemake.input.official, sep="\t", dtype=str, keep_default_na=False)
+    series = read_tsv(snakemake.input.series)
+    official = read_tsv(snakemake.input.official, text=True)
     settings = snakemake.params.split
     if settings.get("table") and settings["table_folds"] == "cross_validation":
         print(f"split: the official split table's test patients; the others dealt into "

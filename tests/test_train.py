@@ -163,3 +163,13 @@ def test_a_3d_fold_trains_end_to_end_with_3d_augmentation(tmp_path):
     model, _ = load_model(path, task, in_channels=1, spatial_dims=3, device=torch.device("cpu"))
     logits = predict_logits(model, vx, torch.device("cpu"), 8).numpy()
     assert logits.shape[0] == len(vx) and np.isfinite(logits).all()
+
+
+def test_a_last_batch_of_one_case_is_dropped_not_fatal(tmp_path):
+    """Batch norm cannot train on a batch of one: 17 cases at batch 8 must still train."""
+    task = get_task("classification")
+    x, y, _ = _blobs(17, 2)
+    settings = dataclasses.replace(SETTINGS, epochs=1, batch_size=8)
+    history = train_model(task, x, y, x, y, settings, threads=1,
+                          checkpoint_path=tmp_path / "m.pt")  # fmt: skip
+    assert len(history) == 1 and (tmp_path / "m.pt").is_file()

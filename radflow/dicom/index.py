@@ -42,7 +42,7 @@ from radflow.dicom.headers import (  # noqa: F401  (re-exported: the index's pub
 from radflow.dicom.units import REASON_LOCALIZER, REASON_OFF_STACK, group_units
 from radflow.files import list_files, tree_fingerprint  # noqa: F401
 from radflow.labels import Annotation, join_annotations, read_annotations, read_labels  # noqa: F401
-from radflow.tables import read_table, write_bytes_atomic, write_tsv  # noqa: F401
+from radflow.tables import read_table, read_tsv, write_bytes_atomic, write_tsv  # noqa: F401
 
 #: Reasons that end in file-specific details "(...)"; the summary counts them by prefix.
 _DETAILED_REASONS = (
@@ -172,15 +172,7 @@ def read_shard_files(path: str | os.PathLike) -> pd.DataFrame:
     of a multi-frame file that belong to the unit, "" for all). Tables written before the
     frames column existed read with frames "" everywhere.
     """
-    table = pd.read_csv(
-        path,
-        sep="\t",
-        dtype=str,
-        keep_default_na=False,
-        na_filter=False,
-        encoding="utf-8",
-        encoding_errors="surrogateescape",
-    )
+    table = read_tsv(path, text=True)
     for column in (C.FRAMES, C.UNIT_KEYS):
         if column not in table.columns:
             table[column] = ""

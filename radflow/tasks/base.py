@@ -43,8 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from radflow import conventions as C
-
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
@@ -161,8 +159,9 @@ class Task(ABC):
         (the input of `evaluate`). The default reads and concatenates the TSVs."""
         import pandas as pd
 
-        ids = {C.SERIES_PID: str, C.PATIENT_PID: str}
-        return pd.concat([pd.read_csv(p, sep="\t", dtype=ids) for p in paths], ignore_index=True)
+        from radflow.tables import read_tsv
+
+        return pd.concat([read_tsv(p) for p in paths], ignore_index=True)
 
     # ------------------------------------------------------------------ evaluate
     @abstractmethod
