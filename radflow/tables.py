@@ -99,10 +99,14 @@ def write_tsv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, keep_identical: bool = False) -> Iterator[Path]:
     """A temporary name beside `path` to write to; when the block ends normally the file
     is flushed to disk and renamed to `path`, when it raises the file is removed. The name
-    is unique per process and call, so parallel writers never share one."""
+    is unique per process and call, so parallel writers never share one. With
+    `keep_identical`, an existing `path` with the same bytes is left untouched (same
+    modification time: Snakemake sees no change)."""
+    import filecmp
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -110,6 +114,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if not (keep_identical and path.is_file() and filecmp.cmp(tmp, path, shallow=False)):
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -34,3 +34,21 @@ def test_unchanged_bytes_leave_the_file_untouched(tmp_path):
     assert target.stat().st_mtime_ns == 1_000_000_000  # Snakemake sees no change
     write_bytes_atomic(target, b"{1}\n")
     assert target.read_bytes() == b"{1}\n"
+
+
+def test_atomic_path_keeps_an_identical_file_untouched(tmp_path):
+    import os
+
+    from radflow.tables import atomic_path
+
+    target = tmp_path / "a.bin"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"same")
+    os.utime(target, ns=(1, 1))
+    with atomic_path(target, keep_identical=True) as tmp:
+        tmp.write_bytes(b"same")
+    assert target.stat().st_mtime_ns == 1  # left alone
+    with atomic_path(target, keep_identical=True) as tmp:
+        tmp.write_bytes(b"different")
+    assert target.read_bytes() == b"different" and target.stat().st_mtime_ns != 1
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]  # no temporary left

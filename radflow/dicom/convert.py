@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -247,8 +246,7 @@ def _convert_dcm2niix(
         for attr, suffix in (("bval", ".bval"), ("bvec", ".bvec")):
             source = getattr(chosen, attr)
             if source is not None:
-                shutil.copyfile(source, out / f".{series_pid}{suffix}.tmp")
-                os.replace(out / f".{series_pid}{suffix}.tmp", out / f"{series_pid}{suffix}")
+                write_bytes_atomic(out / f"{series_pid}{suffix}", source.read_bytes())
         if chosen.bval is not None:
             extras["bvals"] = [float(v) for v in chosen.bval.read_text().split()]
         if chosen.bvec is not None:

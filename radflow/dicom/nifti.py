@@ -3,7 +3,6 @@ them back (2D in DICOM display order, 3D in closest-canonical RAS order)."""
 
 from __future__ import annotations
 
-import filecmp
 import itertools
 import os
 from collections.abc import Iterable
@@ -14,6 +13,7 @@ import numpy as np
 
 from radflow.dicom import radflow_version
 from radflow.gzip_parallel import write_gzip
+from radflow.tables import atomic_path
 
 #: Where the voxels start in a single-file NIfTI-1: 348-byte header + 4-byte extension flag.
 VOX_OFFSET = 352
@@ -81,20 +81,9 @@ def write_nifti_stream(
     one gzip member whose bytes do not depend on `threads` or the chunking, written to a
     temporary name in the same folder and renamed (an identical file is left untouched)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write_gzip(fh, itertools.chain([header], pieces), level=compression_level,
-                       threads=threads)  # fmt: skip
-            fh.flush()
-            os.fsync(fh.fileno())
-        if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
-            tmp.unlink()
-        else:
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, keep_identical=True) as tmp, open(tmp, "wb") as fh:
+        write_gzip(fh, itertools.chain([header], pieces), level=compression_level,
+                   threads=threads)  # fmt: skip
     return path
 
 
