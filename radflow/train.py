@@ -70,6 +70,22 @@ def seed_everything(seed: int, threads: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def _batch_of_one_trains(model: torch.nn.Module, case_shape) -> bool:
+    """Whether `model` can take a training step on a batch of one case of `case_shape`:
+    a dry run on PyTorch's meta device (shapes only: no arithmetic, no change to the
+    model or to any random state) through batch norms in training mode, which refuse a
+    single value per channel."""
+    import copy
+
+    dry = copy.deepcopy(model).to("meta").train()
+    try:
+        with torch.no_grad():
+            dry(torch.empty((1, *case_shape), device="meta"))
+    except ValueError:
+        return False
+    return True
+
+
 def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup_steps:
@@ -111,7 +127,9 @@ def train_model(
 
     model = task.build_model(
         settings.model, in_channels=train_images.shape[1], spatial_dims=spatial_dims
-    ).to(device)
+    )
+    one_case_trains = _batch_of_one_trains(model, train_images.shape[1:])
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if settings.compile else model
@@ -125,9 +143,14 @@ def train_model(
         lr=settings.learning_rate,
         fused=on_cuda,
     )
-    # A last batch of one case is dropped (batch norm cannot train on one value per
-    # channel); that case falls into a full batch in the other epochs' shuffles.
-    single_left = len(train_images) % settings.batch_size == 1 and len(train_images) > 1
+    # A last batch of one case that the model cannot train on (a batch norm would see one
+    # value per channel: 3D inputs whose deepest maps are one voxel) is dropped; that
+    # case falls into a full batch in the other epochs' shuffles.
+    single_left = (
+        not one_case_trains
+        and len(train_images) % settings.batch_size == 1
+        and len(train_images) > 1
+    )
     steps_per_epoch = math.ceil(len(train_images) / settings.batch_size) - int(single_left)
     total_steps = steps_per_epoch * settings.epochs
     warmup_steps = max(1, round(settings.warmup_epochs * steps_per_epoch))

@@ -166,10 +166,27 @@ def test_a_3d_fold_trains_end_to_end_with_3d_augmentation(tmp_path):
 
 
 def test_a_last_batch_of_one_case_is_dropped_not_fatal(tmp_path):
-    """Batch norm cannot train on a batch of one: 17 cases at batch 8 must still train."""
+    """A 3D network whose deepest maps are one voxel cannot train on a batch of one (batch
+    norm): 17 volumes at batch 8 must still train (the 17th waits for another epoch)."""
     task = get_task("classification")
-    x, y, _ = _blobs(17, 2)
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (17, 1, 16, 16, 16)).astype(np.float32)
+    y = np.arange(17) % 2
     settings = dataclasses.replace(SETTINGS, epochs=1, batch_size=8)
     history = train_model(task, x, y, x, y, settings, threads=1,
                           checkpoint_path=tmp_path / "m.pt")  # fmt: skip
     assert len(history) == 1 and (tmp_path / "m.pt").is_file()
+
+
+def test_batch_of_one_check_is_a_dry_run():
+    from radflow.models import ModelSettings
+    from radflow.train import _batch_of_one_trains
+
+    task = get_task("classification")
+    flat = task.build_model(ModelSettings(depth=18, base_width=4), in_channels=1, spatial_dims=3)
+    state = {k: v.clone() for k, v in flat.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert not _batch_of_one_trains(flat, (1, 16, 16, 16))  # layer4 maps: 1 voxel
+    assert _batch_of_one_trains(flat, (1, 64, 64, 64))  # 2 x 2 x 2: trains
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(state[k], v) for k, v in flat.state_dict().items())
