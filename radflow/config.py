@@ -96,6 +96,12 @@ def check_config(config: dict, task=None) -> None:
     need_file("labels_table", data.get("labels_table"), "file")
     need_file("images_table", data.get("images_table"), "file")
     need_file("annotations_table", data.get("annotations_table"), "file")
+    need_file("lesions_table", data.get("lesions_table"), "file")
+    if data.get("lesions_table") and not data.get("images_table"):
+        problems.append(
+            "data.lesions_table: lesion centres in world mm are read with an images table; "
+            "for DICOM input use data.annotations_table"
+        )
     if bool(data.get("dicom_root")) == bool(data.get("images_table")):
         problems.append(
             "data: give exactly one input, data.dicom_root (a DICOM tree, with "
@@ -135,6 +141,7 @@ def check_config(config: dict, task=None) -> None:
         ("data.dicom_root", data.get("dicom_root")),
         ("data.labels_table", data.get("labels_table")),
         ("data.images_table", data.get("images_table")),
+        ("data.lesions_table", data.get("lesions_table")),
         ("split.table", split_table),
         ("data.annotations_table", data.get("annotations_table")),
         ("deid.key_file", deid["key_file"]),

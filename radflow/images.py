@@ -67,6 +67,12 @@ REASON_PATIENT_DIFFERS = "patient differs between rows of the case"
 REASON_LABEL_DIFFERS = "label differs between rows of the case"
 
 _SHARD_COLUMNS = [C.SERIES_PID, C.MODALITY, CHANNEL, ROLE, C.PATH]
+#: results/index/lesions.tsv: lesion centres in world millimetres (DICOM/ITK patient
+#: coordinates, LPS: x to the patient's left, y posterior, z head), as LUNA16 gives them.
+LESIONS_TABLE = "lesions.tsv"
+LESION_COLUMNS = [C.SERIES_PID, "coord_x_mm", "coord_y_mm", "coord_z_mm", C.DIAMETER_MM,
+                  "inside_image"]  # fmt: skip
+_LESION_INPUT = ("coordX", "coordY", "coordZ", "diameter_mm")
 _DETAILED = (REASON_UNREADABLE, REASON_UNSUPPORTED, REASON_MISSING_CHANNEL, REASON_CHANNEL_GRID,
              REASON_MASK_GRID)  # fmt: skip
 
@@ -327,6 +333,7 @@ def build_table_index(
     n_shards: int,
     threads: int = 1,
     need_label: bool = True,
+    lesions_table: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> IndexResult:
     """Index an images table: the DICOM index's tables, for image files (module docstring).
@@ -337,6 +344,10 @@ def build_table_index(
     reference_channel: the channel whose grid the others are resampled onto (default:
       the first channel of the table).
     need_label: whether every case needs a label (classification does).
+    lesions_table: optional CSV/TSV of lesion centres (localisation targets), one row per
+      lesion: the case column (data.columns.case; the patient column where the images
+      table has no case column) and coordX, coordY, coordZ (world mm, LPS, as LUNA16)
+      and diameter_mm. Joined to the cases into `IndexResult.extra[LESIONS_TABLE]`.
     Raises ValueError, naming the table, column and line (never a value), on a malformed
     table; files and cases that cannot be used are quarantined, not raised.
     """
@@ -447,7 +458,14 @@ def build_table_index(
         "units_per_shard": [len({r[0] for r in shard_rows[k]}) for k in range(n_shards)],
         "positive_value": positive,
     }
+    if lesions_table:
+        lesions, lesion_counts = _join_lesions(lesions_table, columns, cases, channels[0], pseudo,
+                                               info_of, {r[C.SERIES_PID] for r in series_rows})  # fmt: skip
+        summary["lesions"] = lesion_counts
+    else:
+        lesions = pd.DataFrame(columns=LESION_COLUMNS)
     return IndexResult(
+        extra={LESIONS_TABLE: lesions},
         series=series,
         quarantine=q_results[[C.FILE_ID, C.SERIES_PID, C.REASON]].reset_index(drop=True),
         quarantine_paths=q_private[[C.FILE_ID, C.SERIES_PID, C.PATH, C.REASON]].reset_index(
@@ -457,6 +475,61 @@ def build_table_index(
         annotations=pd.DataFrame(columns=[C.SERIES_PID, C.ROW_PX, C.COL_PX, C.DIAMETER_MM]),
         summary=summary,
     )
+
+
+def _join_lesions(lesions_table, columns: TableColumns, cases: dict, reference_channel: str,
+                  pseudo, info_of: dict, kept: set[str]) -> tuple[pd.DataFrame, dict]:  # fmt: skip
+    """The lesions table joined to the kept cases: (table of LESION_COLUMNS, counts).
+    `inside_image` says whether the centre lies within the reference image's extent."""
+    table = read_table(lesions_table)
+    key = columns.case if columns.case in table.columns else columns.patient
+    _require_columns(table, lesions_table, [key, *_LESION_INPUT],
+                     "data.columns (the case or patient column) and coordX, coordY, "
+                     "coordZ, diameter_mm")  # fmt: skip
+    case_of_key: dict[str, str] = {}
+    for case in cases.values():
+        ident = case.case if key == columns.case else case.rows[0].patient
+        case_of_key.setdefault(ident, case.case)
+    out, counts = [], {"n_lesions": len(table), "unmatched": 0, "case_left_out": 0,
+                       "outside_image": 0}  # fmt: skip
+    for i, record in enumerate(table.to_dict("records")):
+        try:
+            world = [float(record[c]) for c in _LESION_INPUT[:3]]
+            diameter = float(record["diameter_mm"])
+        except ValueError:
+            raise ValueError(f"{lesions_table}: line {_line(i)}: coordX, coordY, coordZ and "
+                             "diameter_mm must be numbers (world millimetres)") from None  # fmt: skip
+        case = case_of_key.get(record[key])
+        if case is None:
+            counts["unmatched"] += 1
+            continue
+        series_pid = pseudo("ser", case)
+        if series_pid not in kept:
+            counts["case_left_out"] += 1
+            continue
+        row = next(r for r in cases[case].rows if r.channel == reference_channel)
+        inside = _inside(info_of[row.path][0], world)
+        counts["outside_image"] += int(not inside)
+        out.append((series_pid, *world, diameter, inside))
+    frame = pd.DataFrame(out, columns=LESION_COLUMNS)
+    return frame.sort_values(LESION_COLUMNS[:4], kind="stable").reset_index(drop=True), counts
+
+
+def world_to_index(info: ImageInfo, world) -> np.ndarray:
+    """Continuous voxel index (x, y[, z]) of a world point (LPS mm) in an image with
+    `info`'s geometry: index = D^-1 (world - origin) / spacing (ITK's convention)."""
+    n = info.ndim if not (info.ndim == 2 and len(info.size) == 3) else 3
+    d = np.asarray(info.direction, float).reshape(n, n)
+    offset = np.asarray(world[:n], float) - np.asarray(info.origin[:n], float)
+    return np.linalg.solve(d, offset) / np.asarray(info.spacing[:n], float)
+
+
+def _inside(info: ImageInfo, world) -> bool:
+    if info.planar:
+        return False
+    index = world_to_index(info, world)
+    size = np.asarray(info.size[: len(index)], float)
+    return bool(np.all(index >= -0.5) and np.all(index <= size - 0.5))
 
 
 def _format_name(path: str) -> str:

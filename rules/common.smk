@@ -8,7 +8,13 @@ sys.path.insert(0, workflow.basedir)
 from radflow import conventions as C
 from radflow.config import check_config
 from radflow.files import list_files, tree_fingerprint
-from radflow.images import TableColumns, referenced_files, table_fingerprint, table_root
+from radflow.images import (
+    LESIONS_TABLE,
+    TableColumns,
+    referenced_files,
+    table_fingerprint,
+    table_root,
+)
 from radflow.split import OFFICIAL_SPLIT_TABLE, official_fold_count
 from radflow.tasks import get_task
 
@@ -110,6 +116,10 @@ def get_tree_fingerprint():
 
 def get_labels_input():
     return [] if IMAGES_TABLE else config["data"]["labels_table"]
+
+
+def get_lesions_input():
+    return config["data"].get("lesions_table") or []
 
 
 def get_split_table_input():

@@ -5,6 +5,7 @@ checkpoint index:
         annotations=get_annotations_input(),
         key=KEY_FILE,
         split_table=get_split_table_input(),
+        lesions=get_lesions_input(),
     output:
         series=f"{RESULTS}/index/{C.SERIES_TABLE}",
         quarantine=report(
@@ -16,6 +17,7 @@ checkpoint index:
         annotations=f"{RESULTS}/index/{C.ANNOTATIONS_TABLE}",
         summary=f"{RESULTS}/index/{C.INDEX_SUMMARY}",
         official_split=f"{RESULTS}/index/{OFFICIAL_SPLIT_TABLE}",
+        lesions=f"{RESULTS}/index/{LESIONS_TABLE}",
         quarantine_paths=f"{PRIVATE}/{C.QUARANTINE_PATHS}",
         shard_files=expand(f"{PRIVATE}/{C.SHARD_INDEX_DIR}/{{shard}}.tsv", shard=SHARDS),
     log:

@@ -30,6 +30,7 @@ with log_to(snakemake.log[0]):
             key=key,
             n_shards=snakemake.params.n_shards,
             threads=snakemake.threads,
+            lesions_table=snakemake.input.lesions or None,
         )
         patient_column = columns.patient
     else:
@@ -45,6 +46,10 @@ with log_to(snakemake.log[0]):
             **{k: data[k] for k in ("label_key", "label_column", "positive_value", "patient_key")},
         )
         patient_column = data["patient_key"]
+    from radflow.images import LESION_COLUMNS, LESIONS_TABLE
+
+    # lesion centres in world mm: from an images table's lesions table, else none
+    result.extra.setdefault(LESIONS_TABLE, pd.DataFrame(columns=LESION_COLUMNS))
     result.write(
         Path(snakemake.output.series).parent, Path(snakemake.output.quarantine_paths).parent
     )

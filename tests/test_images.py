@@ -280,3 +280,41 @@ def test_medmnist_converter_on_the_official_file(tmp_path):
     )
     with gzip.open(tmp_path / "adrenal" / first_test["path"]) as fh:
         assert len(fh.read()) > 28**3
+
+
+def test_lesions_table_in_world_coordinates(tmp_path):
+    """Lesion centres in world mm (LPS, as LUNA16) join their case by pseudonym; the
+    world-to-voxel mapping agrees with ITK's on an oblique, offset volume."""
+    from radflow.images import LESIONS_TABLE, world_to_index
+
+    image = _volume((10, 30, 20), (0.7, 0.8, 2.5), (-120.0, 35.5, -300.0), OBLIQUE, 3)
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    table = _write_table(tmp_path, [dict(patient_id="P1", case_id="scan1", path="ct.nii.gz",
+                                         label="1")])  # fmt: skip
+    inside = image.TransformContinuousIndexToPhysicalPoint((12.3, 20.7, 4.2))
+    outside = image.TransformContinuousIndexToPhysicalPoint((-5.0, 20.0, 4.0))
+    lesions = tmp_path / "lesions.csv"
+    pd.DataFrame(
+        [dict(case_id="scan1", coordX=inside[0], coordY=inside[1], coordZ=inside[2],
+              diameter_mm=6.0),
+         dict(case_id="scan1", coordX=outside[0], coordY=outside[1], coordZ=outside[2],
+              diameter_mm=4.0),
+         dict(case_id="elsewhere", coordX=0, coordY=0, coordZ=0, diameter_mm=5.0)]
+    ).to_csv(lesions, index=False)  # fmt: skip
+    result = build_table_index(table, key=KEY, n_shards=1, lesions_table=lesions,
+                               progress=False)  # fmt: skip
+    found = result.extra[LESIONS_TABLE]
+    assert len(found) == 2 and set(found[C.SERIES_PID]) == set(result.series[C.SERIES_PID])
+    assert sorted(found["inside_image"]) == [False, True]
+    assert result.summary["lesions"] == {"n_lesions": 3, "unmatched": 1, "case_left_out": 0,
+                                         "outside_image": 1}  # fmt: skip
+    info = read_info(str(tmp_path / "ct.nii.gz"))
+    np.testing.assert_allclose(world_to_index(info, inside), (12.3, 20.7, 4.2), atol=1e-4)
+    result.write(tmp_path / "results", tmp_path / "private")
+    written = pd.read_csv(tmp_path / "results" / LESIONS_TABLE, sep="\t")
+    assert "scan1" not in written.to_csv()
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame([dict(case_id="scan1", coordX="left", coordY=0, coordZ=0,
+                       diameter_mm=1)]).to_csv(bad, index=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"bad.csv: line 2: coordX, coordY, coordZ"):
+        build_table_index(table, key=KEY, n_shards=1, lesions_table=bad, progress=False)

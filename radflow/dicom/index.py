@@ -101,6 +101,8 @@ class IndexResult:
     shard_files: dict[int, pd.DataFrame]
     annotations: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
+    #: further PHI-free results tables by file name (images tables: lesions.tsv)
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def write(self, results_dir: str | os.PathLike, private_dir: str | os.PathLike) -> list[Path]:
         """Write every table atomically; returns the paths written.
@@ -119,6 +121,7 @@ class IndexResult:
                 (json.dumps(self.summary, indent=2, sort_keys=True) + "\n").encode(),
             ),
             write_tsv(self.quarantine_paths, private / C.QUARANTINE_PATHS),
+            *(write_tsv(table, results / name) for name, table in sorted(self.extra.items())),
         ]
         for shard in sorted(self.shard_files):
             path = private / C.SHARD_INDEX_DIR / f"{C.shard_name(shard)}.tsv"
@@ -154,6 +157,13 @@ class IndexResult:
             lines.append(
                 f"index: WARNING {s['n_label_keys_with_several_patients']} label keys occur "
                 f"with more than one {s['patient_key']}: check for merged patient records"
+            )
+        if s.get("lesions"):
+            les = s["lesions"]
+            lines.append(
+                f"index: {les['n_lesions']} lesions ({les['unmatched']} match no case, "
+                f"{les['case_left_out']} of a case left out, {les['outside_image']} outside "
+                "their image)"
             )
         if s.get("annotations"):
             a = s["annotations"]
