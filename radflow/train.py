@@ -105,12 +105,16 @@ def train_model(
     threads: int = 1,
     checkpoint_path: str | os.PathLike,
     progress: Callable | None = None,
+    recorder=None,
 ) -> pd.DataFrame:
     """Train `task`'s model; keep the checkpoint with the best validation `task.monitor`.
 
     Images: (N, C, *spatial) arrays (float16/32, memory maps allowed); targets: (N,) ints.
     Writes `checkpoint_path` (atomically) holding the best weights, the settings and the
     epoch; returns the per-epoch history. `progress` wraps the epoch range (e.g. tqdm).
+    `recorder`: a `radflow.gradients.GradientRecorder` that watches the gradients and
+    the loss of every step (the residual ablation); it only reads, so the weights come
+    out the same with or without it.
     """
     # ---- switches: device, precision, memory format
     device = resolve_device(settings.device)
@@ -159,8 +163,11 @@ def train_model(
     )
     order_rng = np.random.default_rng(settings.seed)
     augment_gen = torch.Generator(device=device).manual_seed(settings.seed)
+    if recorder is not None:
+        recorder.start(model, total_steps)
 
     history = []
+    step = 0
     best = -math.inf
     epochs = range(1, settings.epochs + 1)
     for epoch in progress(epochs) if progress else epochs:
@@ -186,11 +193,17 @@ def train_model(
                 loss = task.loss(step_model(x), y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if recorder is not None:
+                recorder.after_backward(step, scaler.get_scale() if scaler.is_enabled() else 1.0)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += loss.item() * len(y)
+            loss_value = loss.item()
+            loss_sum += loss_value * len(y)
             seen += len(y)
+            if recorder is not None:
+                recorder.after_step(step, epoch, loss_value)
+            step += 1
             t_data = time.perf_counter()
         train_time = time.perf_counter() - t_epoch
 
@@ -245,11 +258,12 @@ def run_fold(
     threads: int,
     model_path,
     history_path,
+    recorder=None,
 ) -> pd.DataFrame:
     """The train stage for one fold: fit on the other dev folds, select on this one.
 
     `task_name` and `task_modules` name the study's task (config `task`, `task_modules`;
-    see `radflow.tasks.get_task`).
+    see `radflow.tasks.get_task`). `recorder`: as for `train_model` (the ablation's).
 
     Inputs: the preprocess shard folders and the split table. Outputs: the best
     checkpoint at `model_path` and the per-epoch history table at `history_path`, both
@@ -285,7 +299,7 @@ def run_fold(
         f"({int(train_rows[C.LABEL].sum())} positive), {len(val_rows)} validation cases "
         f"({int(val_rows[C.LABEL].sum())} positive); device {device}, {threads} threads; "
         f"model {task.name} depth {settings.model.depth} "
-        f"width {settings.model.base_width}"
+        f"width {settings.model.base_width}" + ("" if settings.model.residual else " (plain)")
     )
     # The best-so-far checkpoint is kept under a hidden staging name and moved to
     # `model_path` only once training has finished: a job killed mid-training leaves no
@@ -301,6 +315,7 @@ def run_fold(
         threads=threads,
         checkpoint_path=staging_path,
         progress=lambda epochs: progress(epochs, desc=f"train fold {fold}", unit="epoch"),
+        recorder=recorder,
     )
     history.insert(0, C.FOLD, fold)
     with atomic_path(history_path) as tmp:

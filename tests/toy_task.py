@@ -52,6 +52,7 @@ class ToyRegression(Task):
             base_width=model.base_width,
             dropout=model.dropout,
             pooling=model.pooling,
+            residual=model.residual,
         )
 
     def loss(self, logits, targets):

@@ -19,7 +19,8 @@ _DEFAULTS = schema_defaults("model")  # config/schema.yaml is the one place defa
 class ModelSettings:
     """Config `model:`; every default is the schema's (config/schema.yaml)."""
 
-    depth: int = _DEFAULTS["depth"]  # residual network depth: 18, 34 or 50
+    depth: int = _DEFAULTS["depth"]  # residual network depth: 10, 18, 34, 50, 101, 152
+    residual: bool = _DEFAULTS["residual"]  # False: the plain variant (ablation's control)
     base_width: int = _DEFAULTS["base_width"]  # channels of the first stage
     pooling: str = _DEFAULTS["pooling"]  # global pooling before the head: avg, max, avgmax
     dropout: float = _DEFAULTS["dropout"]  # before the head

@@ -13,7 +13,24 @@ functions. Differences, each for medical images:
   chest X-ray work uses max or log-sum-exp pooling for this reason);
 - the last BatchNorm of each residual branch starts at zero ("zero-init residual"), so
   each block starts as the identity, which makes training from scratch on small data
-  stable.
+  stable;
+- depth 10 ([1, 1, 1, 1] basic blocks) and the paper's 18, 34, 50, 101 and 152.
+
+The plain variant (`residual=False`, the ablation's control) is the same network with
+every identity addition removed and nothing else changed:
+- a block whose shortcut is the identity computes relu(F(x)) instead of relu(F(x) + x);
+- a downsampling block's projection shortcut P(x) = BN(W_s x) (1x1 convolution with the
+  block's stride) is a learned convolution, not an identity: the plain net keeps it as a
+  plain convolutional branch of the same shape, y = relu(F(x) + P(x)). So the plain net
+  has exactly the residual net's modules and parameters (0 parameters difference), and
+  the comparison isolates the identity path. He et al. (2016) drop the projection from
+  their plain nets; theirs have `projection_parameters(model)` fewer parameters (3
+  projections; ResNet-18 width 64, 2D: 173,824 of 11.2 M). The branch is one
+  convolution, so in three places (the stage transitions) a plain net's gradient has a
+  path one (basic) or two (bottleneck) convolutions shorter than the main path;
+- zero-init of the last BatchNorm of each branch is not used in the plain net: with no
+  identity to carry the signal it would zero every block's output (and so every gradient
+  before the head); its last BatchNorm starts at one like every other.
 """
 
 from __future__ import annotations
@@ -29,6 +46,17 @@ _MAXPOOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 POOLINGS = ("avg", "max", "avgmax")
 
 
+def _join(branch: torch.Tensor, x: torch.Tensor, downsample, residual: bool) -> torch.Tensor:
+    """A block's output before its last ReLU: the branch F(x) plus the shortcut, which
+    is the projection P(x) where the block has one (both variants) and the identity x
+    otherwise (the residual variant only)."""
+    if downsample is not None:
+        branch += downsample(x)
+    elif residual:
+        branch += x
+    return branch
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -39,9 +67,11 @@ class BasicBlock(nn.Module):
         planes: int,
         stride: int = 1,
         downsample: nn.Module | None = None,
+        residual: bool = True,
     ):
         super().__init__()
         conv, norm = _CONV[dims], _NORM[dims]
+        self.residual = residual
         self.conv1 = conv(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = norm(planes)
         self.conv2 = conv(planes, planes, 3, padding=1, bias=False)
@@ -50,11 +80,9 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
+        return self.relu(_join(out, x, self.downsample, self.residual))
 
     def last_norm(self) -> nn.Module:
         return self.bn2
@@ -70,9 +98,11 @@ class Bottleneck(nn.Module):
         planes: int,
         stride: int = 1,
         downsample: nn.Module | None = None,
+        residual: bool = True,
     ):
         super().__init__()
         conv, norm = _CONV[dims], _NORM[dims]
+        self.residual = residual
         self.conv1 = conv(in_planes, planes, 1, bias=False)
         self.bn1 = norm(planes)
         self.conv2 = conv(planes, planes, 3, stride=stride, padding=1, bias=False)
@@ -83,12 +113,10 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        out += identity
-        return self.relu(out)
+        return self.relu(_join(out, x, self.downsample, self.residual))
 
     def last_norm(self) -> nn.Module:
         return self.bn3
@@ -96,6 +124,8 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """Stem (7x7 conv stride 2 + max-pool), four residual stages, global pooling, linear.
+
+    `residual=False` builds the plain variant (see the module doc).
 
     Input (B, in_channels, *spatial) -> logits (B, num_classes). `features` is the output
     of the last stage (B, 8*base_width*expansion, *spatial/32), used for Grad-CAM.
@@ -112,11 +142,13 @@ class ResNet(nn.Module):
         base_width: int = 64,
         dropout: float = 0.0,
         pooling: str = "avg",
+        residual: bool = True,
     ):
         super().__init__()
         if spatial_dims not in _CONV:
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.dims = spatial_dims
+        self.residual = residual
         self.in_planes = base_width
         conv, norm = _CONV[spatial_dims], _NORM[spatial_dims]
         self.conv1 = conv(in_channels, base_width, 7, stride=2, padding=3, bias=False)
@@ -140,9 +172,10 @@ class ResNet(nn.Module):
             elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if isinstance(m, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(m.last_norm().weight)
+        if residual:  # zero-init residual; never in the plain net (see the module doc)
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_norm().weight)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -153,9 +186,12 @@ class ResNet(nn.Module):
                 ),
                 _NORM[self.dims](planes * block.expansion),
             )
-        layers = [block(self.dims, self.in_planes, planes, stride, downsample)]
+        layers = [block(self.dims, self.in_planes, planes, stride, downsample, self.residual)]
         self.in_planes = planes * block.expansion
-        layers += [block(self.dims, self.in_planes, planes) for _ in range(1, blocks)]
+        layers += [
+            block(self.dims, self.in_planes, planes, residual=self.residual)
+            for _ in range(1, blocks)
+        ]
         return nn.Sequential(*layers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,6 +212,10 @@ class ResNet(nn.Module):
         return self.head(self.features(x))
 
 
+def resnet10(**kwargs) -> ResNet:
+    return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
+
+
 def resnet18(**kwargs) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], **kwargs)
 
@@ -188,11 +228,32 @@ def resnet50(**kwargs) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
 
 
-RESNETS = {18: resnet18, 34: resnet34, 50: resnet50}
+def resnet101(**kwargs) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 23, 3], **kwargs)
+
+
+def resnet152(**kwargs) -> ResNet:
+    return ResNet(Bottleneck, [3, 8, 36, 3], **kwargs)
+
+
+RESNETS = {10: resnet10, 18: resnet18, 34: resnet34, 50: resnet50, 101: resnet101, 152: resnet152}
 
 
 def build_resnet(depth: int, **kwargs) -> ResNet:
-    """ResNet of the given depth (18, 34 or 50); kwargs as for `ResNet`."""
+    """ResNet of the given depth (10, 18, 34, 50, 101 or 152); kwargs as for `ResNet`
+    (`residual=False`: the plain variant)."""
     if depth not in RESNETS:
         raise ValueError(f"model.depth must be one of {sorted(RESNETS)}, got {depth}")
     return RESNETS[depth](**kwargs)
+
+
+def projection_parameters(model: ResNet) -> int:
+    """Parameters of the projection shortcuts (1x1 convolution + BatchNorm of each
+    downsampling block): what He et al.'s plain nets, which have none, lack beside this
+    module's plain variant."""
+    return sum(
+        p.numel()
+        for m in model.modules()
+        if isinstance(m, (BasicBlock, Bottleneck)) and m.downsample is not None
+        for p in m.downsample.parameters()
+    )

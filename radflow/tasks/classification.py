@@ -68,6 +68,7 @@ class BinaryClassification(Task):
             base_width=model.base_width,
             dropout=model.dropout,
             pooling=model.pooling,
+            residual=model.residual,
         )
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
