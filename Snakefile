@@ -1,6 +1,7 @@
 # radflow: an end-to-end medical-imaging deep-learning study.
 #   snakemake --cores 8 --resources gpu=1
 #   snakemake --report results/report.html
+#   snakemake ablation --cores 8 --resources gpu=1   (plain vs residual networks by depth)
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -25,6 +26,7 @@ include: "rules/train.smk"
 include: "rules/predict.smk"
 include: "rules/evaluate.smk"
 include: "rules/figures.smk"
+include: "rules/ablation.smk"
 
 
 rule all:

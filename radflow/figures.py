@@ -37,6 +37,9 @@ __all__ = [
     "plot_confusion",
     "plot_precision_recall",
     "plot_roc",
+    "plot_ablation_gradients",
+    "plot_ablation_test_metric",
+    "plot_ablation_training",
     "plot_training_curves",
 ]
 
@@ -385,6 +388,176 @@ def plot_training_curves(
         ax_loss.legend(ncols=2, fontsize=7)
         ax_score.legend(fontsize=7)
         fig.suptitle("Training curves per fold")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- ablation
+#: The ablation's two variants, in panel order, and their colours where they share axes.
+ABLATION_VARIANTS = {"plain": _ACCENT, "residual": _MAIN}
+
+
+def _depth_colours(depths) -> dict[int, str]:
+    return {d: OKABE_ITO[i % len(OKABE_ITO)] for i, d in enumerate(sorted(set(depths)))}
+
+
+def _fold_mean_curve(frames: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple:
+    """Mean over folds of curves (x, y) sampled at different x: each is interpolated
+    onto the x of the longest one, within its own range."""
+    grid = max((x for x, _ in frames), key=len)
+    stack = np.vstack(
+        [
+            np.where((grid >= x[0]) & (grid <= x[-1]), np.interp(grid, x, y), np.nan)
+            for x, y in frames
+        ]
+    )
+    return grid, np.nanmean(stack, axis=0)
+
+
+def plot_ablation_training(
+    steps: pd.DataFrame, histories: pd.DataFrame, path: str | os.PathLike
+) -> Figure:
+    """Training loss against training time, plain networks (left) and residual networks
+    (right) side by side, one colour per depth, in the layout of He et al. (2016), Fig. 4.
+
+    ``steps``: variant, depth, fold, step (0-based over the run), epoch, train_loss (one
+    row per step); ``histories``: variant, depth, fold, epoch, val_loss. Thin lines:
+    training loss of every step; bold lines: validation loss at the end of each epoch;
+    both averaged over the folds. The x axis is in epochs (step / steps per epoch), so
+    that folds of slightly different sizes line up.
+    """
+    colours = _depth_colours(steps["depth"]) if len(steps) else {}
+    with mpl.rc_context(_STYLE):
+        fig = _new_figure((11.0, 4.0))
+        axes = fig.subplots(1, len(ABLATION_VARIANTS), sharey=True)
+        for ax, variant in zip(axes, ABLATION_VARIANTS, strict=True):
+            mine = steps[steps["variant"] == variant]
+            if mine.empty:
+                _message(ax, f"no {variant} networks in this ablation")
+                continue
+            for depth in sorted(mine["depth"].unique()):
+                curves, val = [], []
+                for fold, run in mine[mine["depth"] == depth].groupby("fold"):
+                    per_epoch = (run["epoch"] == run["epoch"].min()).sum()
+                    x = (run["step"].to_numpy(dtype=float) + 1) / per_epoch
+                    curves.append((x, run["train_loss"].to_numpy(dtype=float)))
+                    h = histories[
+                        (histories["variant"] == variant)
+                        & (histories["depth"] == depth)
+                        & (histories["fold"] == fold)
+                    ].sort_values("epoch")
+                    val.append((h["epoch"].to_numpy(dtype=float), h["val_loss"].to_numpy(float)))
+                x, y = _fold_mean_curve(curves)
+                ax.plot(x, y, color=colours[depth], lw=0.6, alpha=0.55)
+                if all(len(v[0]) for v in val):
+                    ve, vl = _fold_mean_curve(val)
+                    ax.plot(ve, vl, color=colours[depth], lw=2.0, label=f"{variant}-{depth}")
+            ax.set_title(f"{variant.capitalize()} networks")
+            ax.set_xlabel("Epoch (training steps / steps per epoch)")
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("Loss (training objective)")
+        fig.suptitle(
+            "Training loss (thin: every step) and validation loss (bold: every epoch), "
+            "mean over folds"
+        )
+    return _save(fig, path)
+
+
+def plot_ablation_gradients(gradients: pd.DataFrame, path: str | os.PathLike) -> Figure:
+    """Gradient norm of each weighted layer against its position from input to output,
+    one panel per snapshot (initialisation, after the first steps, end of training).
+
+    ``gradients``: variant, depth, fold, snapshot, step, index, path, grad_norm
+    (radflow.gradients.GRADIENT_COLUMNS plus the job's keys). Main-path layers only
+    (projection shortcuts are in the table, not drawn); the median over folds; log
+    scale, so a gradient of exactly zero (a zero-init residual branch at
+    initialisation) leaves a gap. Colour: depth; dashed: plain, solid: residual.
+    """
+    snapshots = {"init": "at initialisation", "early": "after the first steps", "end": "at the end"}
+    main = gradients[gradients["path"] == "main"]
+    colours = _depth_colours(main["depth"]) if len(main) else {}
+    with mpl.rc_context(_STYLE):
+        fig = _new_figure((13.0, 4.0))
+        axes = fig.subplots(1, len(snapshots), sharey=True)
+        for ax, (snapshot, title) in zip(axes, snapshots.items(), strict=True):
+            rows = main[main["snapshot"] == snapshot]
+            if rows.empty:
+                _message(ax, f"no gradients {title}")
+                continue
+            for (variant, depth), run in rows.groupby(["variant", "depth"]):
+                median = run.groupby("index")["grad_norm"].median()
+                step = int(run["step"].iloc[0])
+                ax.plot(
+                    median.index,
+                    median.where(median > 0),
+                    color=colours[depth],
+                    ls="--" if variant == "plain" else "-",
+                    marker=".",
+                    ms=3,
+                    lw=1.2,
+                    label=f"{variant}-{depth}",
+                )
+            ax.set_yscale("log")
+            ax.set_title(f"Gradient norms {title} (step {step})")
+            ax.set_xlabel("Layer (1 = first after the input)")
+        axes[0].set_ylabel("L2 norm of the weight gradient")
+        axes[-1].legend(fontsize=7, ncols=2)
+        fig.suptitle("Gradient norm by layer, input to output (median over folds)")
+    return _save(fig, path)
+
+
+def plot_ablation_test_metric(
+    summary: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    monitor: str,
+    monitor_label: str,
+    monitor_axis: str,
+) -> Figure:
+    """The task's monitor on the test set against depth, per variant.
+
+    ``summary``: radflow.ablation.summarise's table. Large markers with error bars: the
+    ensemble of the fold models with its patient-level bootstrap CI; small hollow
+    markers: the single fold models.
+    """
+    name = f"test_{monitor.removeprefix('val_')}"
+    depths = sorted(summary["depth"].unique())
+    position = {d: i for i, d in enumerate(depths)}
+    with mpl.rc_context(_STYLE):
+        fig = _new_figure((6.5, 4.2))
+        ax = fig.subplots()
+        if summary.empty:
+            _message(ax, "no ablation jobs")
+            return _save(fig, path)
+        for k, (variant, colour) in enumerate(ABLATION_VARIANTS.items()):
+            mine = summary[summary["variant"] == variant]
+            if mine.empty:
+                continue
+            shift = -0.12 if k == 0 else 0.12
+            ens = mine[mine["fold"] == "ensemble"].sort_values("depth")
+            x = np.array([position[d] for d in ens["depth"]]) + shift
+            value = ens[name].to_numpy(dtype=float)
+            err = np.vstack(
+                [value - ens[f"{name}_ci_low"].to_numpy(float),
+                 ens[f"{name}_ci_high"].to_numpy(float) - value]
+            )  # fmt: skip
+            ax.errorbar(x, value, yerr=np.abs(err), color=colour, marker="o", ms=7, capsize=3,
+                        lw=1.5, label=f"{variant}, ensemble (95% CI)")  # fmt: skip
+            folds = mine[mine["fold"] != "ensemble"]
+            ax.plot(
+                np.array([position[d] for d in folds["depth"]]) + 2 * shift,
+                folds[name].to_numpy(dtype=float),
+                ls="none",
+                marker="o",
+                ms=4,
+                mfc="none",
+                color=colour,
+                label=f"{variant}, single fold models",
+            )
+        ax.set_xticks(range(len(depths)), [str(d) for d in depths])
+        ax.set_xlabel("Depth (weighted layers)")
+        ax.set_ylabel(f"Test {monitor_axis}")
+        ax.set_title(f"Test {monitor_label} by depth, plain and residual")
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -60,8 +60,7 @@ def predict_fold(
     )
     cases, outputs = [], []
     for split, rows in ((C.SPLIT_VAL, val_rows), (C.SPLIT_TEST, test_rows)):
-        images = store.gather(list(rows[C.SERIES_PID]))
-        outputs.append(task.outputs(predict_logits(model, images, torch_device, batch_size)))
+        outputs.append(case_outputs(task, model, store, rows, torch_device, batch_size))
         frame = rows[[C.SERIES_PID, C.PATIENT_PID, C.LABEL]].copy()
         frame[C.FOLD] = fold
         frame[C.SPLIT] = split
@@ -73,3 +72,10 @@ def predict_fold(
     task.write_predictions(predictions, out_path)
     print(f"fold {fold}: predicted {len(val_rows)} validation and {len(test_rows)} test cases")
     return predictions
+
+
+def case_outputs(task, model, store: PreprocessedStore, rows: pd.DataFrame, device, batch_size):
+    """The task's per-case outputs (a CPU tensor, first axis the case) of `model` for
+    the split-table `rows`, their images gathered from `store`."""
+    images = store.gather(list(rows[C.SERIES_PID]))
+    return task.outputs(predict_logits(model, images, device, batch_size))

@@ -150,3 +150,13 @@ def test_projection_parameters_he_et_al_plain_nets_lack():
     convs = 64 * 128 + 128 * 256 + 256 * 512
     assert projection_parameters(model) == convs + 2 * (128 + 256 + 512) == 173_824
     assert projection_parameters(build_resnet(18, base_width=64, residual=False)) == 173_824
+
+
+def test_the_schema_offers_exactly_the_built_depths():
+    import yaml
+
+    from radflow.config import SCHEMA_PATH
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]
+    assert schema["model"]["properties"]["depth"]["enum"] == sorted(RESNETS)
+    assert schema["ablation"]["properties"]["depths"]["items"]["enum"] == sorted(RESNETS)
