@@ -1,35 +1,7 @@
 # The residual connection, measured (radflow/ablation.py): `snakemake ablation`.
 # Not part of `all`: its outputs live under results/ablation/ and it reads only the
 # study's preprocessed shards and split, so the study's own outputs are never touched.
-from radflow.ablation import JOB_FILES, ablation_folds, job_name
-
-ABLATION = f"{RESULTS}/ablation"
-ABLATION_CONFIG = config["ablation"]
-ABLATION_FOLDS = ablation_folds(ABLATION_CONFIG["folds"], FOLDS)
-ABLATION_JOBS = [
-    job_name(variant, depth)
-    for variant in ABLATION_CONFIG["variants"]
-    for depth in ABLATION_CONFIG["depths"]
-]
-ABLATION_FIGURES = {
-    "training_loss": ("ablation_training_loss.rst", "training loss by step"),
-    "gradient_norms": ("ablation_gradient_norms.rst", "gradient norm by layer"),
-    "test_metric": ("ablation_test_metric.rst", "test metric by depth"),
-}
-# The study's model settings without the two the ablation sets per job: a change of
-# the study's depth does not retrain the ablation.
-ABLATION_MODEL = {
-    k: v for k, v in config["model"].items() if k not in ("depth", "residual")
-}
-
-
-def ablation_job_files(name):
-    """One output of every ablation job (config ablation: variants x depths x folds)."""
-    return [
-        f"{ABLATION}/{job}/fold{fold}/{JOB_FILES[name]}"
-        for job in ABLATION_JOBS
-        for fold in ABLATION_FOLDS
-    ]
+# Paths, job lists and the input function: rules/common.smk (ABLATION...).
 
 
 wildcard_constraints:

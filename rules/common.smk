@@ -16,6 +16,7 @@ from radflow.images import (
     table_root,
 )
 from radflow.split import OFFICIAL_SPLIT_TABLE, official_fold_count
+from radflow.ablation import JOB_FILES, ablation_folds, job_name
 from radflow.tasks import get_task
 
 # The study's task (radflow/tasks/): the rules after training take their outputs from it.
@@ -212,4 +213,34 @@ def get_final_outputs():
         *get_evaluation_files(),
         *(f"{FIGURES}/{spec.file}" for spec in figures.values()),
         TRAINING_CURVES,
+    ]
+
+
+# ---- the residual ablation (rules/ablation.smk; radflow/ablation.py)
+ABLATION = f"{RESULTS}/ablation"
+ABLATION_CONFIG = config["ablation"]
+ABLATION_FOLDS = ablation_folds(ABLATION_CONFIG["folds"], FOLDS)
+ABLATION_JOBS = [
+    job_name(variant, depth)
+    for variant in ABLATION_CONFIG["variants"]
+    for depth in ABLATION_CONFIG["depths"]
+]
+ABLATION_FIGURES = {
+    "training_loss": ("ablation_training_loss.rst", "training loss by step"),
+    "gradient_norms": ("ablation_gradient_norms.rst", "gradient norm by layer"),
+    "test_metric": ("ablation_test_metric.rst", "test metric by depth"),
+}
+# The study's model settings without the two the ablation sets per job: a change of
+# the study's depth does not retrain the ablation.
+ABLATION_MODEL = {
+    k: v for k, v in config["model"].items() if k not in ("depth", "residual")
+}
+
+
+def ablation_job_files(name):
+    """One output of every ablation job (config ablation: variants x depths x folds)."""
+    return [
+        f"{ABLATION}/{job}/fold{fold}/{JOB_FILES[name]}"
+        for job in ABLATION_JOBS
+        for fold in ABLATION_FOLDS
     ]

@@ -107,7 +107,9 @@ class Task(ABC):
         `spatial_dims` (2 or 3) spatial axes, from config `model:`. Its forward pass
         takes (N, in_channels, *spatial) float tensors and returns the logits that
         `loss` and `outputs` take. The same call rebuilds a trained model from its
-        checkpoint, so it must depend on nothing but its arguments."""
+        checkpoint, so it must depend on nothing but its arguments. A residual
+        network honours `model.residual` (False: its plain variant, which the residual
+        ablation, radflow.ablation, trains beside it)."""
 
     @abstractmethod
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
