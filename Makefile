@@ -14,11 +14,12 @@ TORCH_GPU ?= torch>=2.4
 TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: demo test test-fast lint report readme-result clean help
+.PHONY: demo ablation test test-fast lint report readme-result clean help
 
 help:
 	@echo "make demo  - install into $(VENV) and run the study on the synthetic cohort"
 	@echo "make test  - install into $(VENV) and run the tests"
+	@echo "make ablation - the demo's plain vs residual networks by depth (README), its report"
 	@echo "make test-fast - the inner loop: every test but the full-DAG runs and SLURM"
 	@echo "make lint  - ruff, snakefmt and snakemake --lint"
 	@echo "make clean - remove results/ and Snakemake's state (keeps data/ and private/)"
@@ -39,6 +40,12 @@ demo: $(VENV)/.installed
 	$(BIN)/snakemake --cores $(CORES) --resources gpu=1
 	$(BIN)/snakemake --cores 1 --report results/report.html
 	@$(BIN)/python -m radflow.summary results/evaluate/metrics.json
+
+# plain vs residual networks by depth on the study's data (README: "The residual
+# connection, measured"); CONFIG=... to run it on another study's config files
+ablation: $(VENV)/.installed
+	$(BIN)/snakemake ablation --cores $(CORES) --resources gpu=1 $(if $(CONFIG),--configfile config/config.yaml $(CONFIG))
+	$(BIN)/snakemake ablation --cores 1 --report results/ablation/report.html $(if $(CONFIG),--configfile config/config.yaml $(CONFIG))
 
 test: $(VENV)/.installed
 	$(BIN)/pytest

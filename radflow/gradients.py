@@ -97,13 +97,15 @@ class GradientRecorder:
         self._gradients, self._steps = [], []
 
     @torch.no_grad()
-    def after_backward(self, step: int, scale: float = 1.0) -> None:
+    def after_backward(self, step: int, scaler=None) -> None:
         """After the backward pass of `step` (0-based, counted over the whole run): the
-        gradient norms, where `step` is a snapshot. `scale`: the loss scale the
-        gradients carry (1 without loss scaling)."""
+        gradient norms, where `step` is a snapshot. `scaler`: the training's
+        `torch.amp.GradScaler`, whose scale the gradients carry where it is enabled
+        (read only at snapshots: reading it waits for the GPU)."""
         names = self._snapshot_at.get(step)
         if not names:
             return
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         norms = torch.stack(
             [
                 torch.linalg.vector_norm(layer.module.weight.grad.detach().float())

@@ -194,7 +194,7 @@ def train_model(
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if recorder is not None:
-                recorder.after_backward(step, scaler.get_scale() if scaler.is_enabled() else 1.0)
+                recorder.after_backward(step, scaler)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

@@ -9,6 +9,19 @@ from radflow.gradients import GradientRecorder, weighted_layers
 from radflow.models.resnet import build_resnet
 
 
+class _Scaler:
+    """The two methods of torch.amp.GradScaler the recorder reads."""
+
+    def __init__(self, scale: float, enabled: bool):
+        self.scale, self.enabled = scale, enabled
+
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+    def get_scale(self) -> float:
+        return self.scale
+
+
 def _two_linear_layers() -> nn.Sequential:
     """f(x) = W2 (W1 x), no biases, known weights."""
     net = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 1, bias=False))
@@ -40,7 +53,7 @@ def test_recorded_norms_are_the_analytic_gradient_norms():
         loss = nn.functional.mse_loss(net(xt)[:, 0], tt)
         loss.backward()
         expected.append([net[0].weight.grad.norm().item(), net[1].weight.grad.norm().item()])
-        recorder.after_backward(step, scale=4.0 if step == 2 else 1.0)  # step 2: scaled
+        recorder.after_backward(step, _Scaler(4.0, enabled=step == 2))  # step 2: scaled
         optimizer.step()
         recorder.after_step(step, 1, loss.item())
     table = recorder.gradient_table()
