@@ -1,7 +1,7 @@
 """What each model costs: every network the config can choose and the ablation's variants.
 
     python benchmarks/models.py [--configfile config/config.yaml ...] [--threads N]
-        [--shape2d 128 128] [--shape3d 28 28 28] [--batch 16] [--depths 10 18 ...]
+        [--dims 2 3] [--shape2d 128 128] [--shape3d 28 28 28] [--batch 16] [--depths 10 18 ...]
 
 For each residual network of every depth `model.depth` may take (config/schema.yaml) and
 the plain variant of each of the ablation's depths (config `ablation:`), with the
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--configfile", nargs="+", default=[REPO / "config" / "config.yaml"])
     parser.add_argument("--shape2d", type=int, nargs=2, default=None)
     parser.add_argument("--shape3d", type=int, nargs=3, default=(28, 28, 28))
+    parser.add_argument("--dims", type=int, nargs="+", choices=(2, 3), default=(2, 3))
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -89,7 +90,8 @@ def main() -> None:
         f"{torch.__version__}; width {base.base_width}, pooling {base.pooling}; batch {batch}"
     )
     reference = ModelSpec(base).name  # the study's own network
-    for shape in ([args.channels, *shape2d], [args.channels, *args.shape3d]):
+    shapes = {2: [args.channels, *shape2d], 3: [args.channels, *args.shape3d]}
+    for shape in (shapes[d] for d in args.dims):
         for device in devices:
             table = efficiency_table(
                 task,
