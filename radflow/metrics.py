@@ -27,6 +27,7 @@ __all__ = [
     "BootstrapResult",
     "average_precision",
     "binary_metrics_at",
+    "bootstrap_case_ci",
     "bootstrap_ci",
     "bootstrap_cis",
     "brier_score",
@@ -426,6 +427,39 @@ def bootstrap_ci(
     return bootstrap_cis(
         {"metric": metric}, y_true, y_score, groups=groups, n_boot=n_boot, seed=seed, alpha=alpha
     )["metric"]
+
+
+def bootstrap_case_ci(
+    statistic: Callable[[NDArray[np.intp]], float],
+    n_cases: int,
+    *,
+    groups: ArrayLike | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> BootstrapResult:
+    """Percentile bootstrap CI of a statistic of per-case data of any kind.
+
+    ``statistic(case_index)`` gets the positions (0 .. n_cases - 1, with repeats) of the
+    cases drawn in a replicate, ``np.arange(n_cases)`` for the point estimate, and returns
+    a float, NaN where undefined (such replicates are skipped, as in ``bootstrap_cis``).
+    Resampling (of cases, or of whole ``groups``), the interval and the seed's replicates
+    are those of ``bootstrap_cis``: this only hands it case positions as the scores.
+    """
+    positions = np.arange(n_cases, dtype=np.float64)  # ascending: the resampler keeps the order
+
+    def metric(_labels: NDArray[np.int64], drawn: NDArray[np.float64]) -> float:
+        return statistic(drawn.astype(np.intp))
+
+    return bootstrap_ci(
+        metric,
+        np.zeros(n_cases, dtype=np.int64),
+        positions,
+        groups=groups,
+        n_boot=n_boot,
+        seed=seed,
+        alpha=alpha,
+    )
 
 
 def _interp_roc(

@@ -292,6 +292,18 @@ def test_bootstrap_cis_shares_replicates_and_matches_single_calls():
     assert many["brier"] == M.bootstrap_ci(M.brier_score, y, p, n_boot=200, seed=3)
 
 
+def test_case_bootstrap_draws_the_cases_bootstrap_ci_draws():
+    # bootstrap_ci orders cases by score; with scores already ascending the case
+    # positions it draws are the ones bootstrap_case_ci hands to its statistic.
+    y, p = _random(5, n=120)
+    order = np.argsort(p, kind="stable")
+    y, p = y[order], p[order]
+    groups = np.arange(120) // 3  # patients with three studies each
+    for g in (None, groups):
+        by_case = M.bootstrap_case_ci(lambda i: M.roc_auc(y[i], p[i]), 120, groups=g, seed=2)
+        assert by_case == M.bootstrap_ci(M.roc_auc, y, p, groups=g, seed=2)
+
+
 def test_bootstrap_argument_checks():
     y, p = _random(0, n=20)
     with pytest.raises(ValueError, match="n_boot"):
