@@ -108,8 +108,9 @@ def _masks(pred: ArrayLike, ref: ArrayLike) -> tuple[NDArray[np.bool_], NDArray[
 def _union_box(p: NDArray[np.bool_], r: NDArray[np.bool_], margin: int = 1):
     """Slices of the bounding box of p | r grown by ``margin`` voxels, or None if empty.
 
-    Every metric here is unchanged by cropping to it: boundaries treat the array edge as
-    outside, the nearest boundary voxel always lies in the box, and so do all lesions.
+    No metric here changes under this crop: a boundary treats the array edge as outside
+    (the margin keeps a layer of background), lesions lie inside, and distances do not
+    depend on where the box starts.
     """
     union = p | r
     box = []
