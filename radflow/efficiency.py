@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from radflow.inference import memory_format
 from radflow.models import ModelSettings
 
 __all__ = ["EFFICIENCY_COLUMNS", "LiveTensorBytes", "ModelSpec", "flops_per_image", "measure"]
@@ -144,7 +145,7 @@ def _optimiser(model):
 def _batch(shape, batch, device, channels_last):
     x = torch.randn(batch, *shape, device=device)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=memory_format(len(shape) - 1))
     return x, torch.arange(batch, device=device) % 2
 
 
@@ -230,14 +231,14 @@ def measure(
     autocast_dtype = None
     if on_cuda:
         autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    channels_last = on_cuda and dims == 2
+    channels_last = on_cuda  # as training runs on CUDA: channels_last(_3d)
     torch.manual_seed(0)
     model = task.build_model(spec.settings, in_channels=input_shape[0], spatial_dims=dims)
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = flops_per_image(model, input_shape)
     model = model.to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=memory_format(dims))
 
     x, y = _batch(input_shape, batch_size, device, channels_last)
     train_peak, train_s = _measure_training(

@@ -73,8 +73,14 @@ def predict_logits(
     return torch.cat(logits) if logits else torch.empty(0)
 
 
+def memory_format(spatial_dims: int) -> torch.memory_format:
+    """The channels-last layout of images with `spatial_dims` axes (CUDA's fast one)."""
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch (N, C, *spatial) on `device` as float32, channels-last if asked (2D/3D)."""
     x = x.to(device, non_blocking=True).float()
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if channels_last and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=memory_format(x.dim() - 2))
     return x

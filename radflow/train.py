@@ -26,7 +26,7 @@ import torch
 from radflow.augment import AugmentSettings, augment_batch
 from radflow.config import check_keys, schema_defaults
 from radflow.data import BatchIterator
-from radflow.inference import predict_logits, resolve_device, to_device
+from radflow.inference import memory_format, predict_logits, resolve_device, to_device
 from radflow.models import ModelSettings
 from radflow.tables import atomic_path, read_tsv
 
@@ -94,12 +94,79 @@ def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class ArrayData:
+    """Training cases held as arrays (the grid layout: classification): every training
+    case once per epoch in a seeded shuffle, augmented on the device after the copy;
+    validation on every validation case.
+
+    Images: (N, C, *spatial) arrays (float16/32, memory maps allowed); targets: (N,) ints.
+    """
+
+    def __init__(self, train_images, train_targets, val_images, val_targets, settings):
+        self.train_images, self.train_targets = train_images, train_targets
+        self.val_images, self.val_targets = val_images, val_targets
+        self.batch_size = settings.batch_size
+        self.augment_settings = settings.augment
+        self.in_channels = train_images.shape[1]
+        self.spatial_dims = train_images.ndim - 2
+        self.seed = settings.seed
+        self.order_rng = np.random.default_rng(settings.seed)
+        self.single_left = False
+        self.pin_memory = False
+        self.augment_gen = None
+
+    def prepare(self, model: torch.nn.Module, device: torch.device) -> None:
+        """Decide what depends on the model and the device, before the first epoch.
+
+        A last batch of one case that the model cannot train on (a batch norm would see
+        one value per channel: 3D inputs whose deepest maps are one voxel) is dropped;
+        that case falls into a full batch in the other epochs' shuffles."""
+        n = len(self.train_images)
+        self.single_left = (
+            not _batch_of_one_trains(model, self.train_images.shape[1:])
+            and n % self.batch_size == 1
+            and n > 1
+        )
+        self.pin_memory = device.type == "cuda"
+        self.augment_gen = torch.Generator(device=device).manual_seed(self.seed)
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_images) / self.batch_size) - int(self.single_left)
+
+    def epoch_batches(self) -> BatchIterator:
+        n = len(self.train_images)
+        return BatchIterator(
+            self.train_images,
+            self.train_targets,
+            self.order_rng.permutation(n)[: n - int(self.single_left)],
+            self.batch_size,
+            pin_memory=self.pin_memory,
+        )
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return augment_batch(x, self.augment_settings, self.augment_gen), y
+
+    def validation(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.val_images, self.val_targets
+
+
 def train_model(
     task,
     train_images: np.ndarray,
     train_targets: np.ndarray,
     val_images: np.ndarray,
     val_targets: np.ndarray,
+    settings: TrainSettings,
+    **options,
+) -> pd.DataFrame:
+    """`fit` on cases held as arrays (`ArrayData`): (N, C, *spatial) images, (N,) targets."""
+    data = ArrayData(train_images, train_targets, val_images, val_targets, settings)
+    return fit(task, data, settings, **options)
+
+
+def fit(
+    task,
+    data,
     settings: TrainSettings,
     *,
     threads: int = 1,
@@ -109,7 +176,11 @@ def train_model(
 ) -> pd.DataFrame:
     """Train `task`'s model; keep the checkpoint with the best validation `task.monitor`.
 
-    Images: (N, C, *spatial) arrays (float16/32, memory maps allowed); targets: (N,) ints.
+    `data` supplies the batches (`ArrayData`, or a task's own, e.g. segmentation's
+    patches): attributes `in_channels`, `spatial_dims`; `prepare(model, device)` once;
+    `steps_per_epoch()`; `epoch_batches()`, an iterable of CPU (x, y) batches for one
+    epoch; `augment(x, y)` on the device; `validation()`, the (images, targets) arrays
+    scored after each epoch.
     Writes `checkpoint_path` (atomically) holding the best weights, the settings and the
     epoch; returns the per-epoch history. `progress` wraps the epoch range (e.g. tqdm).
     `recorder`: a `radflow.gradients.GradientRecorder` that watches the gradients and
@@ -126,16 +197,15 @@ def train_model(
     if on_cuda and settings.mixed_precision:
         autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
-    spatial_dims = train_images.ndim - 2
-    channels_last = on_cuda and settings.channels_last and spatial_dims == 2
+    channels_last = on_cuda and settings.channels_last  # channels_last(_3d) on CUDA
 
     model = task.build_model(
-        settings.model, in_channels=train_images.shape[1], spatial_dims=spatial_dims
+        settings.model, in_channels=data.in_channels, spatial_dims=data.spatial_dims
     )
-    one_case_trains = _batch_of_one_trains(model, train_images.shape[1:])
+    data.prepare(model, device)
     model = model.to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=memory_format(data.spatial_dims))
     step_model = torch.compile(model) if settings.compile else model
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # norms and biases
@@ -147,24 +217,15 @@ def train_model(
         lr=settings.learning_rate,
         fused=on_cuda,
     )
-    # A last batch of one case that the model cannot train on (a batch norm would see one
-    # value per channel: 3D inputs whose deepest maps are one voxel) is dropped; that
-    # case falls into a full batch in the other epochs' shuffles.
-    single_left = (
-        not one_case_trains
-        and len(train_images) % settings.batch_size == 1
-        and len(train_images) > 1
-    )
-    steps_per_epoch = math.ceil(len(train_images) / settings.batch_size) - int(single_left)
+    steps_per_epoch = data.steps_per_epoch()
     total_steps = steps_per_epoch * settings.epochs
     warmup_steps = max(1, round(settings.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, warmup_steps, total_steps)
     )
-    order_rng = np.random.default_rng(settings.seed)
-    augment_gen = torch.Generator(device=device).manual_seed(settings.seed)
     if recorder is not None:
         recorder.start(model, total_steps)
+    val_images, val_targets = data.validation()
 
     history = []
     step = 0
@@ -175,18 +236,12 @@ def train_model(
         model.train()
         t_epoch = time.perf_counter()
         data_wait, loss_sum, seen = 0.0, 0.0, 0
-        loader = BatchIterator(
-            train_images,
-            train_targets,
-            order_rng.permutation(len(train_images))[: len(train_images) - int(single_left)],
-            settings.batch_size,
-            pin_memory=on_cuda,
-        )
+        loader = data.epoch_batches()
         t_data = time.perf_counter()
         for x, y in loader:
             x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
             data_wait += time.perf_counter() - t_data
-            x = augment_batch(x, settings.augment, augment_gen)
+            x, y = data.augment(x, y)
             with torch.autocast(
                 device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
             ):
