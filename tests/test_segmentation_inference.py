@@ -1,4 +1,5 @@
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -161,3 +162,13 @@ def test_every_subset_of_the_mirror_axes_is_used_once():
     assert sorted(flips) == sorted(
         c for k in range(4) for c in itertools.combinations((0, 1, 2), k)
     )
+
+
+def test_a_read_only_memory_map_is_predicted_without_warnings(tmp_path):
+    np.save(tmp_path / "image.npy", _volume((9, 8, 7)))
+    image = np.load(tmp_path / "image.npy", mmap_mode="r")
+    model = _conv(1, seed=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = predict_volume(model, image, (8, 8, 8))
+    torch.testing.assert_close(out, _whole(model, np.array(image)), rtol=1e-5, atol=1e-6)

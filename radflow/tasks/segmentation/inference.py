@@ -112,8 +112,9 @@ def predict_volume(
 
     device = torch.device(device)
     on_cuda = device.type == "cuda"
-    x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image)
-    x = x.to(device=device, dtype=torch.float32).unsqueeze(0)
+    if not torch.is_tensor(image):  # a copy: memory maps are read-only
+        image = torch.from_numpy(np.array(image, dtype=np.float32))
+    x = image.to(device=device, dtype=torch.float32).unsqueeze(0)
     dims = x.dim() - 2
     patch_size = tuple(int(p) for p in patch_size)
     if len(patch_size) != dims:
