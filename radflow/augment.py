@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -108,28 +109,65 @@ def augment_batch(
         return x
     if x.dim() not in (4, 5):
         raise ValueError(f"augment_batch takes (B, C, H, W) or (B, C, D, H, W), got {x.dim()}D")
-    n, device = x.shape[0], x.device
     theta = _spatial_theta(x, settings, generator).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # pad with each image's own background (its minimum), whatever the intensity scale
     dims = tuple(range(1, x.dim()))
-    view = (n,) + (1,) * (x.dim() - 1)
     low = x.amin(dim=dims, keepdim=True)
     high = x.amax(dim=dims, keepdim=True)
     out = (
         F.grid_sample(x - low, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         + low
     )
+    return augment_intensity(out, settings, generator, low=low, high=high)
 
+
+class IntensitySettings(Protocol):
+    """What `augment_intensity` reads: `AugmentSettings` has it, and so has the
+    segmentation task's (radflow.tasks.segmentation.augment)."""
+
+    gamma: tuple[float, float]
+    contrast: tuple[float, float]
+    brightness: float
+    noise_std: float
+
+
+def augment_intensity(
+    x: torch.Tensor,
+    settings: IntensitySettings,
+    generator: torch.Generator,
+    *,
+    per_channel: bool = False,
+    low: torch.Tensor | None = None,
+    high: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Intensity jitter of a batch (B, C, *spatial), drawn independently per image (per
+    image and channel with `per_channel`, for multi-modal inputs such as MRI sequences):
+    a gamma in `settings.gamma` (log-uniform) on the image's own [low, high] range (its
+    minimum and maximum unless given), contrast about the mean by a factor in
+    `settings.contrast`, an added brightness in +-`settings.brightness`, Gaussian noise
+    of std `settings.noise_std`. Normalised units; z-scored images survive the gamma
+    because it acts on their range.
+    """
+    gamma, contrast = settings.gamma, settings.contrast
+    brightness, noise_std = settings.brightness, settings.noise_std
+    n, channels, device = x.shape[0], x.shape[1], x.device
+    dims = tuple(range(2 if per_channel else 1, x.dim()))
+    draws = n * channels if per_channel else n
+    view = (n, channels if per_channel else 1) + (1,) * (x.dim() - 2)
+    if low is None:
+        low = x.amin(dim=dims, keepdim=True)
+    if high is None:
+        high = x.amax(dim=dims, keepdim=True)
     # gamma acts on the image's own [min, max] range, so z-scored (MR) images survive it
-    gamma = torch.exp(_uniform(n, *map(math.log, settings.gamma), generator, device)).view(view)
+    factor = torch.exp(_uniform(draws, *map(math.log, gamma), generator, device)).view(view)
     span = (high - low).clamp_min(1e-6)
-    out = ((out - low) / span).clamp(0, 1) ** gamma.to(out.dtype) * span + low
+    out = ((x - low) / span).clamp(0, 1) ** factor.to(x.dtype) * span + low
     mean = out.mean(dim=dims, keepdim=True)
-    contrast = _uniform(n, *settings.contrast, generator, device).view(view).to(out.dtype)
-    brightness = _uniform(n, -settings.brightness, settings.brightness, generator, device)
-    out = (out - mean) * contrast + mean + brightness.view(view).to(out.dtype)
-    if settings.noise_std > 0:
+    scale = _uniform(draws, *contrast, generator, device).view(view).to(out.dtype)
+    shift = _uniform(draws, -brightness, brightness, generator, device)
+    out = (out - mean) * scale + mean + shift.view(view).to(out.dtype)
+    if noise_std > 0:
         noise = torch.randn(out.shape, generator=generator, device=device, dtype=out.dtype)
-        out = out + noise * settings.noise_std
+        out = out + noise * noise_std
     return out

@@ -5,6 +5,8 @@ and a manifest in array order. `PreprocessedStore` opens all shards lazily and g
 cases by series pseudonym. `BatchIterator` builds each batch in a background thread
 (numpy's fancy indexing releases the GIL), so reading from a memory map overlaps the
 training step; on CUDA the batch is pinned for an asynchronous host-to-device copy.
+`prefetched` is that thread on its own, for other loaders (the segmentation task's
+patch loader).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -21,6 +24,9 @@ import torch
 
 from radflow import conventions as C
 from radflow.tables import read_tsv
+
+T = TypeVar("T")
+B = TypeVar("B")
 
 
 class PreprocessedStore:
@@ -109,21 +115,48 @@ class BatchIterator:
         return x, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        slots: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        done = object()
+        return prefetched(self._make, self.batches, self.prefetch)
 
-        def producer():
+
+def prefetched(make: Callable[[T], B], items: Iterable[T], prefetch: int = 2) -> Iterator[B]:
+    """Yield `make(item)` for each of `items` in order, each made ahead in a background
+    thread, at most `prefetch` waiting. An error in `make` is raised in the consuming
+    thread. Closing the generator early (a `break`) stops the thread after the item it
+    is making, so no thread is left blocked on a full queue.
+
+    The thread helps where `make` releases the GIL: numpy slicing and copies from a
+    memory map, PyTorch operations.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    done = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
             try:
-                for rows in self.batches:
-                    slots.put(self._make(rows))
-            except BaseException as error:  # surface loader errors in the training thread
-                slots.put(error)
-            slots.put(done)
+                slots.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-        thread = threading.Thread(target=producer, daemon=True)
-        thread.start()
+    def producer():
+        try:
+            for item in items:
+                if stop.is_set() or not put(make(item)):
+                    return
+        except BaseException as error:  # surface loader errors in the training thread
+            put(error)
+            return
+        put(done)
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    try:
         while (item := slots.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
             yield item
+    finally:
+        stop.set()
         thread.join()

@@ -16,6 +16,11 @@ functions. Differences, each for medical images:
   stable;
 - depth 10 ([1, 1, 1, 1] basic blocks) and the paper's 18, 34, 50, 101 and 152.
 
+The blocks take torchvision's `norm_layer` (a callable planes -> module; BatchNorm when
+None) and an `activation` factory (ReLU when None), so other networks reuse them with
+instance normalisation and leaky ReLU (the segmentation U-Net, `radflow.models.unet`);
+the attribute names (`bn1`, `relu`) stay torchvision's whatever the layer.
+
 The plain variant (`residual=False`, the ablation's control) is the same network with
 every identity addition removed and nothing else changed:
 - a block whose shortcut is the identity computes relu(F(x)) instead of relu(F(x) + x);
@@ -35,7 +40,7 @@ every identity addition removed and nothing else changed:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -68,15 +73,18 @@ class BasicBlock(nn.Module):
         stride: int = 1,
         downsample: nn.Module | None = None,
         residual: bool = True,
+        *,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        activation: Callable[[], nn.Module] | None = None,
     ):
         super().__init__()
-        conv, norm = _CONV[dims], _NORM[dims]
+        conv, norm = _CONV[dims], norm_layer or _NORM[dims]
         self.residual = residual
         self.conv1 = conv(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = norm(planes)
         self.conv2 = conv(planes, planes, 3, padding=1, bias=False)
         self.bn2 = norm(planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = activation() if activation else nn.ReLU(inplace=True)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,9 +107,12 @@ class Bottleneck(nn.Module):
         stride: int = 1,
         downsample: nn.Module | None = None,
         residual: bool = True,
+        *,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        activation: Callable[[], nn.Module] | None = None,
     ):
         super().__init__()
-        conv, norm = _CONV[dims], _NORM[dims]
+        conv, norm = _CONV[dims], norm_layer or _NORM[dims]
         self.residual = residual
         self.conv1 = conv(in_planes, planes, 1, bias=False)
         self.bn1 = norm(planes)
@@ -109,7 +120,7 @@ class Bottleneck(nn.Module):
         self.bn2 = norm(planes)
         self.conv3 = conv(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = norm(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = activation() if activation else nn.ReLU(inplace=True)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +131,41 @@ class Bottleneck(nn.Module):
 
     def last_norm(self) -> nn.Module:
         return self.bn3
+
+
+def make_stage(
+    block: type[BasicBlock] | type[Bottleneck],
+    dims: int,
+    in_planes: int,
+    planes: int,
+    blocks: int,
+    *,
+    stride: int = 1,
+    residual: bool = True,
+    norm_layer: Callable[[int], nn.Module] | None = None,
+    activation: Callable[[], nn.Module] | None = None,
+) -> nn.Sequential:
+    """`blocks` blocks in sequence, in_planes -> planes * block.expansion channels: the
+    first with `stride` and, where the shape changes, a projection shortcut (1x1
+    convolution with that stride + norm, the `downsample`). torchvision's `_make_layer`,
+    as a function that `ResNet` and the U-Net (`radflow.models.unet`) both build from."""
+    norm = norm_layer or _NORM[dims]
+    out_planes = planes * block.expansion
+    downsample = None
+    if stride != 1 or in_planes != out_planes:
+        downsample = nn.Sequential(
+            _CONV[dims](in_planes, out_planes, 1, stride=stride, bias=False), norm(out_planes)
+        )
+    layers = [
+        block(dims, in_planes, planes, stride, downsample, residual,
+              norm_layer=norm_layer, activation=activation)
+    ]  # fmt: skip
+    layers += [
+        block(dims, out_planes, planes, residual=residual,
+              norm_layer=norm_layer, activation=activation)
+        for _ in range(1, blocks)
+    ]  # fmt: skip
+    return nn.Sequential(*layers)
 
 
 class ResNet(nn.Module):
@@ -178,21 +224,10 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.last_norm().weight)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.in_planes != planes * block.expansion:
-            downsample = nn.Sequential(
-                _CONV[self.dims](
-                    self.in_planes, planes * block.expansion, 1, stride=stride, bias=False
-                ),
-                _NORM[self.dims](planes * block.expansion),
-            )
-        layers = [block(self.dims, self.in_planes, planes, stride, downsample, self.residual)]
+        layer = make_stage(block, self.dims, self.in_planes, planes, blocks, stride=stride,
+                           residual=self.residual)  # fmt: skip
         self.in_planes = planes * block.expansion
-        layers += [
-            block(self.dims, self.in_planes, planes, residual=self.residual)
-            for _ in range(1, blocks)
-        ]
-        return nn.Sequential(*layers)
+        return layer
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

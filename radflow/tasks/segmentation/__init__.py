@@ -1,2 +1,6 @@
-"""Segmentation task (3D, e.g. BraTS brain-tumour regions): its metrics live in
-``radflow.tasks.segmentation.metrics``; the Task class will live here."""
+"""Segmentation task (3D, e.g. BraTS-like brain lesions).
+
+Its network is ``radflow.models.unet``; here live its loss (``loss``), patch sampling and
+loader (``patches``, ``augment``), sliding-window inference (``inference``), metrics
+(``metrics``) and synthetic cohort (``synth``, ``brain_phantom``, ``ground_truth``).
+The Task class will live here too."""
