@@ -20,7 +20,7 @@ include: "rules/common.smk"
 include: "rules/synthesize.smk"
 include: "rules/index.smk"
 include: "rules/convert.smk"
-include: "rules/preprocess.smk"
+include: PREPROCESS_RULES  # the task's layout: grid or volumes (rules/common.smk)
 include: "rules/split.smk"
 include: "rules/train.smk"
 include: "rules/predict.smk"

@@ -28,6 +28,23 @@ class ConfigError(ValueError):
     pass
 
 
+#: The config `preprocess:` keys each preprocessed layout reads (the preprocess rule's
+#: params, in config order: a key of the other layout changes nothing). The volumes
+#: layout's target spacing is read by its plan (radflow.plan), not per shard.
+PREPROCESS_KEYS = {
+    C.LAYOUT_GRID: ("target_shape_px", "target_spacing_mm", "xray_percentiles",
+                    "ct_window_hu", "mr_foreground_fraction", "intensity"),
+    C.LAYOUT_VOLUMES: ("intensity", "ct_window_hu", "xray_percentiles",
+                       "mr_foreground_fraction", "ct_foreground_hu", "crop_margin_mm",
+                       "image_interpolation", "mask_interpolation", "dtype"),
+}  # fmt: skip
+
+
+def preprocess_params(config: Mapping[str, Any], layout: str) -> dict[str, Any]:
+    """The config `preprocess:` settings that `layout` reads, in config order."""
+    return {k: v for k, v in config["preprocess"].items() if k in PREPROCESS_KEYS[layout]}
+
+
 @cache
 def _schema() -> dict[str, Any]:
     import yaml
@@ -161,6 +178,18 @@ def check_config(config: dict, task=None) -> None:
             problems.append(
                 f"convert.{key}: {value!r} is not one of {', '.join(choices)}; choose one"
             )
+    layout = getattr(task, "preprocessed_layout", C.LAYOUT_GRID)
+    if layout not in C.PREPROCESSED_LAYOUTS:
+        problems.append(
+            f"task {task.name!r}: preprocessed_layout {layout!r} is not one of "
+            f"{', '.join(C.PREPROCESSED_LAYOUTS)}; fix the task class"
+        )
+    spacing = config.get("preprocess", {}).get("target_spacing_mm")
+    if layout == C.LAYOUT_GRID and isinstance(spacing, list):
+        problems.append(
+            f"preprocess.target_spacing_mm: {spacing} gives one spacing per axis, which only "
+            "the volumes layout (segmentation, localisation) takes; give one number"
+        )
     calibration = config.get("evaluate", {}).get("calibration")
     if task is not None and calibration is not None:
         if calibration not in task.calibration_methods:

@@ -145,6 +145,17 @@ INDEX_SUMMARY = "summary.json"  # index: counts for the log and report (results)
 QUARANTINE_PATHS = "quarantine_paths.tsv"  # index: file_id -> path (PRIVATE)
 SHARD_INDEX_DIR = "index"  # <private>/index/<shard_name(k)>.tsv: files per shard (PRIVATE)
 PREPROCESSED_ARRAY = "images.npy"  # (N, C, *spatial) float16, memory-mappable
+#: Layouts of the preprocessed shards, chosen by the task (Task.preprocessed_layout):
+#: "grid": every case fitted into one fixed grid, one (N, C, *shape) array per shard;
+#: "volumes": nnU-Net style, each case at the plan's spacing, cropped to its foreground,
+#: as <pid>_image.npy (C, z, y, x) and <pid>_mask.npy (z, y, x) (radflow/volumes.py).
+LAYOUT_GRID = "grid"
+LAYOUT_VOLUMES = "volumes"
+PREPROCESSED_LAYOUTS = (LAYOUT_GRID, LAYOUT_VOLUMES)
+PREPROCESS_PLAN = "plan.json"  # volumes: the decisions (target spacing, channels)
+PREPROCESS_FINGERPRINT = "fingerprint.json"  # volumes: the training cases' spacings, shapes
+IMAGE_ARRAY_SUFFIX = "_image.npy"  # volumes: <pid>_image.npy, (C, z, y, x)
+MASK_ARRAY_SUFFIX = "_mask.npy"  # volumes: <pid>_mask.npy, (z, y, x) uint8
 
 # ------------------------------------------------------------------ evaluation
 SPLIT_VAL = "val"  # predictions: a fold model's out-of-fold validation case

@@ -1,8 +1,10 @@
 """Access to preprocessed shards and a prefetching batch iterator.
 
-The preprocess stage writes per shard a memory-mappable `images.npy` (N, C, *spatial)
-and a manifest in array order. `PreprocessedStore` opens all shards lazily and gathers
-cases by series pseudonym. `BatchIterator` builds each batch in a background thread
+In the grid layout the preprocess stage writes per shard a memory-mappable `images.npy`
+(N, C, *spatial) and a manifest in array order; `PreprocessedStore` opens all shards
+lazily and gathers cases by series pseudonym. In the volumes layout (radflow.volumes)
+each case has its own arrays; `VolumeStore` lists the cases and memory-maps one case's
+image and mask on demand. `BatchIterator` builds each batch in a background thread
 (numpy's fancy indexing releases the GIL), so reading from a memory map overlaps the
 training step; on CUDA the batch is pinned for an asynchronous host-to-device copy.
 `prefetched` is that thread on its own, for other loaders (the segmentation task's
@@ -75,6 +77,60 @@ class PreprocessedStore:
             shard, index = self._where[pid]
             out[k] = self._arrays[shard][index]
         return out
+
+
+class VolumeStore:
+    """All cases of a study preprocessed in the volumes layout, addressed by series_pid.
+
+    `manifest`: every shard's manifest (radflow.volumes.MANIFEST_COLUMNS) in one table.
+    Arrays are opened when asked for, memory-mapped read-only: a training sampler reads
+    the patches it draws, not whole volumes.
+    """
+
+    def __init__(self, shard_dirs: Sequence[str | os.PathLike]):
+        frames = []
+        for shard_dir in map(Path, shard_dirs):
+            manifest = read_tsv(shard_dir / C.MANIFEST)
+            manifest["_dir"] = str(shard_dir)
+            frames.append(manifest)
+        self.manifest = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if len(self.manifest) and self.manifest[C.SERIES_PID].duplicated().any():
+            raise ValueError("a series_pid appears in two preprocessed shards")
+        self._rows = {r[C.SERIES_PID]: r for r in self.manifest.to_dict("records")}
+
+    @property
+    def cases(self) -> list[str]:
+        """Series pseudonyms, in manifest order."""
+        return list(self._rows)
+
+    def __contains__(self, series_pid: str) -> bool:
+        return series_pid in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def row(self, series_pid: str) -> dict:
+        """The case's manifest row (its geometry: radflow.geometry.CaseGeometry.from_row)."""
+        return {k: v for k, v in self._rows[series_pid].items() if k != "_dir"}
+
+    def image(self, series_pid: str) -> np.ndarray:
+        """The case's (C, z, y, x) image, memory-mapped read-only."""
+        return np.load(self._path(series_pid, C.IMAGE_ARRAY_SUFFIX), mmap_mode="r")
+
+    def mask(self, series_pid: str) -> np.ndarray | None:
+        """The case's (z, y, x) uint8 label map, memory-mapped read-only; None without one."""
+        if not self._rows[series_pid]["has_mask"]:
+            return None
+        return np.load(self._path(series_pid, C.MASK_ARRAY_SUFFIX), mmap_mode="r")
+
+    def label_voxels(self, series_pid: str) -> dict[int, int]:
+        """Voxels of each foreground label in the case's preprocessed mask ({} without)."""
+        from radflow.volumes import parse_label_voxels
+
+        return parse_label_voxels(self._rows[series_pid]["label_voxels"])
+
+    def _path(self, series_pid: str, suffix: str) -> Path:
+        return Path(self._rows[series_pid]["_dir"]) / f"{series_pid}{suffix}"
 
 
 class BatchIterator:

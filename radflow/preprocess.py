@@ -78,9 +78,14 @@ def normalize_ct(image: np.ndarray, window_hu: tuple[float, float]) -> np.ndarra
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+def threshold_foreground(image: np.ndarray, foreground_fraction: float) -> np.ndarray:
+    """MR foreground: voxels above `foreground_fraction` of the robust maximum (the 99.5th
+    percentile), so air and noise stay out without a fixed intensity scale."""
+    return image > foreground_fraction * np.percentile(image, 99.5)
+
+
 def normalize_mr(image: np.ndarray, foreground_fraction: float) -> np.ndarray:
-    robust_max = np.percentile(image, 99.5)
-    foreground = image > foreground_fraction * robust_max
+    foreground = threshold_foreground(image, foreground_fraction)
     if foreground.sum() < 2:
         foreground = np.ones_like(image, dtype=bool)
     values = image[foreground]
@@ -319,7 +324,7 @@ def preprocess_shard(
         array = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=settings.dtype,
                                           shape=shape)  # fmt: skip
         rows = []
-        results = _map(_preprocess_one, jobs, threads)
+        results = map_jobs(_preprocess_one, jobs, threads)
         if progress:
             from tqdm import tqdm
 
@@ -358,7 +363,8 @@ def mapping_from_row(row: dict) -> GridMapping:
     return GridMapping(_parse(row["scale"]), _parse(row["offset"]), _parse(row["out_spacing_mm"]))
 
 
-def _map(fn, jobs, threads):
+def map_jobs(fn, jobs, threads):
+    """`fn` over `jobs` in order, on `threads` processes where there is more than one."""
     if threads > 1 and len(jobs) > 1:
         pool = ProcessPoolExecutor(max_workers=threads)
         try:

@@ -51,6 +51,11 @@ TEXT_COLUMNS = (
     "in_shape", "in_spacing_mm", "scale", "offset", "out_spacing_mm", "channel", "role",
     "channels", "source_format", "photometric", "pixel_spacing_mm", "body_part",
     "view_position", "manufacturer", "outcome",
+    # the volumes layout's manifest (radflow.volumes): values joined by backslashes
+    "intensity", "native_shape", "native_affine", "native_axcodes", "canonical_shape",
+    "canonical_spacing_mm", "crop_start", "crop_stop", "resampled_shape", "target_spacing_mm",
+    "resampled_spacing_mm", "preprocessed_affine", "label_voxels", "foreground_mean",
+    "foreground_std",
 )  # fmt: skip
 
 

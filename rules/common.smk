@@ -6,7 +6,7 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 from radflow import conventions as C
-from radflow.config import check_config
+from radflow.config import check_config, preprocess_params
 from radflow.files import list_files, tree_fingerprint
 from radflow.images import (
     LESIONS_TABLE,
@@ -24,6 +24,14 @@ TASK = get_task(config["task"], modules=config["task_modules"])
 check_config(config, TASK)
 
 RESULTS = "results"
+# How preprocess lays out the cases, the task's choice (radflow.conventions.LAYOUT_*),
+# and so which preprocess rules the Snakefile includes.
+PREPROCESSED_LAYOUT = TASK.preprocessed_layout
+PREPROCESS_RULES = {
+    C.LAYOUT_GRID: "rules/preprocess.smk",
+    C.LAYOUT_VOLUMES: "rules/preprocess_volumes.smk",
+}[PREPROCESSED_LAYOUT]
+PREPROCESS_PLAN = f"{RESULTS}/preprocessed/{C.PREPROCESS_PLAN}"  # volumes only
 LOGS = f"{RESULTS}/logs"
 EVALUATE = f"{RESULTS}/evaluate"
 FIGURES = f"{RESULTS}/figures"
@@ -178,6 +186,20 @@ def get_data_params():
         "label": config["data"]["label_column"],
     }
     return data
+
+
+def get_preprocess_params():
+    """The config `preprocess:` keys the study's layout reads (radflow.config): a key of
+    the other layout changes nothing, so it reruns nothing."""
+    return preprocess_params(config, PREPROCESSED_LAYOUT)
+
+
+def get_preprocess_plan(wildcards):
+    """results/preprocessed/plan.json, listed after the plan checkpoint (volumes layout),
+    so that an unchanged plan redoes no shard."""
+    if INDEX_IS_CHECKPOINT:
+        checkpoints.preprocess_plan.get()
+    return PREPROCESS_PLAN
 
 
 def get_preprocessed(wildcards=None):

@@ -12,6 +12,6 @@ rule preprocess:
     resources:
         **get_resources("preprocess"),
     params:
-        preprocess=config["preprocess"],
+        preprocess=get_preprocess_params(),
     script:
         "../scripts/preprocess.py"

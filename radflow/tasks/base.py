@@ -13,7 +13,8 @@ Who calls what:
 
 =============  ==============================================================
 workflow       evaluation_files, figure_files, case_figure_files (the rules'
-               outputs and report entries), calibration_methods (config check)
+               outputs and report entries), calibration_methods (config check),
+               preprocessed_layout (the preprocess rules)
 train          build_model, loss, outputs, monitor_value; `monitor` names the
                history column of the score (higher is better)
 predict        outputs, prediction_table, calibrate, write_predictions
@@ -91,6 +92,12 @@ class Task(ABC):
     #: Values of config `evaluate.calibration` the task implements in `calibrate`; the
     #: workflow refuses any other at start-up.
     calibration_methods: ClassVar[tuple[str, ...]] = ("none",)
+    #: How the preprocess stage lays out the cases (radflow.conventions.PREPROCESSED_LAYOUTS):
+    #: "grid", every case fitted into one fixed grid, one (N, C, *shape) array a shard
+    #: (radflow.data.PreprocessedStore); "volumes", nnU-Net's: each case at the plan's
+    #: spacing, reoriented and cropped to its foreground, with its mask
+    #: (radflow.volumes, radflow.data.VolumeStore). The workflow picks its rules by it.
+    preprocessed_layout: ClassVar[str] = "grid"
 
     def __init__(self, train: TrainSettings | None = None):
         """`train`: the training settings (config `train:`, `model:`, `seed`) during
