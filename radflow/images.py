@@ -52,6 +52,7 @@ from radflow.cases import (  # noqa: F401  (read_volume: re-exported)
     write_case,
 )
 from radflow.dicom.index import IndexResult
+from radflow.files import files_fingerprint
 from radflow.labels import _line, _require_columns
 from radflow.tables import read_table, read_tsv, write_tsv
 
@@ -251,17 +252,7 @@ def referenced_files(images_table: str | os.PathLike, columns: TableColumns) -> 
 def table_fingerprint(images_table: str | os.PathLike, columns: TableColumns) -> str:
     """Hash of (path, size, mtime) of every file the table names: a replaced image
     reruns the index even though the table itself did not change."""
-    import hashlib
-
-    root = table_root(images_table)
-    digest = hashlib.sha256()
-    for rel in referenced_files(images_table, columns):
-        try:
-            stat = os.stat(os.path.join(root, rel))
-            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{rel}\0missing\n".encode())
-    return digest.hexdigest()[:16]
+    return files_fingerprint(table_root(images_table), referenced_files(images_table, columns))
 
 
 def _read_rows(images_table, columns: TableColumns, modality: str, need_label: bool) -> list[_Row]:
