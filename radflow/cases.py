@@ -11,7 +11,7 @@ written as the convert stage's other units are, plus what segmentation needs:
   the same grid is copied voxel for voxel; a mask on another grid is resampled by nearest
   neighbour through world coordinates, after checking that every foreground voxel lies
   inside the image (`REASON_MASK_OUTSIDE` otherwise: a misregistered or misjoined mask
-  must fail its case, not be clipped silently).
+  must fail its case, not be clipped silently; so must a label that vanishes).
 - `<pid>.json`: a PHI-free sidecar (the caller's fields; channel names, n_channels,
   channels_resampled, has_mask and the mask's notes).
 
@@ -34,6 +34,7 @@ SPACING_TOL_MM, ORIGIN_TOL_MM, DIRECTION_TOL = 0.01, 0.01, 1e-3
 INSIDE_TOL_VOXELS = 1e-3
 
 REASON_MASK_OUTSIDE = "mask outside the image"
+REASON_MASK_LABEL_LOST = "mask label lost on the image's grid"
 REASON_MASK_NOT_LABELS = "the mask holds values that are not non-negative integers"
 
 
@@ -167,8 +168,9 @@ def mask_onto(mask, reference) -> tuple[np.ndarray, dict[str, Any]]:
     (array (z, y, x) uint8/uint16, notes for the sidecar). The same grid is copied
     exactly; another grid is resampled by nearest neighbour after checking that every
     foreground voxel lies inside the reference image (ValueError with
-    `REASON_MASK_OUTSIDE` otherwise). Labels that vanish in the resampling (a structure
-    smaller than the reference's voxels) are listed in the notes."""
+    `REASON_MASK_OUTSIDE` otherwise). A label that vanishes in the resampling (a structure
+    smaller than the reference's voxels) raises ValueError too (`REASON_MASK_LABEL_LOST`):
+    a case scored against a reference that lost a structure would be scored wrongly."""
     import SimpleITK as sitk
 
     if mask.GetNumberOfComponentsPerPixel() != 1:
@@ -192,11 +194,13 @@ def mask_onto(mask, reference) -> tuple[np.ndarray, dict[str, Any]]:
     resampled = sitk.Resample(labelled, reference, sitk.Transform(), sitk.sitkNearestNeighbor,
                               0, labelled.GetPixelID())  # fmt: skip
     array = sitk.GetArrayFromImage(resampled)
-    notes: dict[str, Any] = {"mask_resampled": True, "mask_labels": _labels(array)}
-    lost = sorted(set(_labels(source)) - set(notes["mask_labels"]))
+    lost = sorted(set(_labels(source)) - set(_labels(array)))
     if lost:
-        notes["mask_labels_lost_in_resampling"] = lost
-    return array, notes
+        raise ValueError(
+            f"{REASON_MASK_LABEL_LOST}: {', '.join(map(str, lost))} (a structure smaller than "
+            "the image's voxels vanishes in nearest-neighbour resampling)"
+        )
+    return array, {"mask_resampled": True, "mask_labels": _labels(array)}
 
 
 def _labels(array: np.ndarray) -> list[int]:

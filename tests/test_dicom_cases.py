@@ -503,3 +503,79 @@ def test_case_settings_are_checked_by_schema_and_config(tmp_path):
     data.update(dicom_root=None, images_table=str(masks))
     with pytest.raises(ConfigError, match="data.case_key: DICOM input only"):
         check_config(config)
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "lidc").is_dir(), reason=f"LIDC slabs not found at {SHARED}")
+def test_dicom_seg_on_real_ct_series_without_case_key(tmp_path):
+    """Masks without data.case_key: every series is its own one-channel case. On the three
+    real LIDC-IDRI CT slabs (a vendor export nobody here wrote), a SEG painted on each
+    series' own instances lands on exactly those voxels, and the image is the lone
+    conversion of the series, byte for byte."""
+    root = SHARED / "lidc"
+    rows, painted = [], {}
+    for i, folder in enumerate(sorted({p.parent for p in root.rglob("*.dcm")})):
+        sources = _sorted_sources(sorted(folder.glob("*.dcm")))
+        label = np.zeros((len(sources), sources[0].Rows, sources[0].Columns), np.uint8)
+        label[2 : len(sources) - 3, 200 + 9 * i : 260, 150:230] = 1
+        label[len(sources) - 1, 300:302, 310:340] = 2
+        uid = str(sources[0].SeriesInstanceUID)
+        painted[uid] = (sources, label, folder)
+        rows.append((uid, str(_write_seg(tmp_path / f"seg{i}.dcm", sources, label))))
+    masks = write_labels(tmp_path / "masks.csv", rows, ["SeriesInstanceUID", "mask"])
+    index = build_index(root, None, key=KEY, n_shards=1, progress=False, masks_table=masks,
+                        masks_key="SeriesInstanceUID")  # fmt: skip
+    assert len(index.series) == 3 and "channels" in index.series.columns
+    index.write(tmp_path / "index", tmp_path / "private")
+    shard = tmp_path / "private" / C.SHARD_INDEX_DIR / f"{C.shard_name(0)}.tsv"
+    manifest = convert_shard(shard, root, tmp_path / "nifti", progress=False)
+    assert manifest[C.STATUS].tolist() == [C.STATUS_OK] * 3, manifest[C.REASON].tolist()
+    for uid, (sources, label, folder) in painted.items():
+        pid = C.pseudonym(KEY, "ser", uid)
+        mask = nib.load(tmp_path / "nifti" / f"{pid}{C.MASK_SUFFIX}")
+        np.testing.assert_array_equal(
+            np.asarray(mask.dataobj), _expected_from_source(sources, label, mask)
+        )
+        files = [str(p.relative_to(root)) for p in sorted(folder.glob("*.dcm"))]
+        assert convert_unit("alone", "CT", files, root, tmp_path / "alone")[C.STATUS] == "ok"
+        ours = (tmp_path / "nifti" / f"{pid}{C.NIFTI_SUFFIX}").read_bytes()
+        assert ours == (tmp_path / "alone" / f"alone{C.NIFTI_SUFFIX}").read_bytes()
+        sidecar = json.loads((tmp_path / "nifti" / f"{pid}.json").read_text())
+        assert sidecar["n_channels"] == 1 and sidecar["channels"] == [] and sidecar["has_mask"]
+
+
+def test_mask_onto_copies_a_matching_grid_and_refuses_to_lose_a_label():
+    import SimpleITK as sitk
+
+    from radflow.cases import mask_onto
+
+    reference = sitk.Image(6, 5, 4, sitk.sitkInt16)
+    reference.SetSpacing((2.0, 2.0, 3.0))
+    reference.SetOrigin((-5.0, 7.0, 1.0))
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1, 2, 3], labels[3, 4, 5] = 4, 9
+    same = sitk.GetImageFromArray(labels)
+    same.CopyInformation(reference)
+    array, notes = mask_onto(same, reference)
+    assert np.array_equal(array, labels)
+    assert notes == {"mask_resampled": False, "mask_labels": [4, 9]}
+    # a 4x finer grid aligned to the reference: reference voxel i is fine voxel 4i, so a
+    # one-voxel structure at fine voxel 2 (between two reference centres) cannot survive
+    fine = np.zeros((16, 20, 24), np.uint8)
+    fine[4:9, 4:9, 4:9] = 1
+    fine[6, 6, 2] = 2
+
+    def on_fine_grid(array):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((0.5, 0.5, 0.75))
+        image.SetOrigin((-5.0, 7.0, 1.0))
+        return image
+
+    with pytest.raises(ValueError, match="mask label lost on the image's grid: 2 "):
+        mask_onto(on_fine_grid(fine), reference)
+    array, notes = mask_onto(on_fine_grid(np.where(fine == 2, 0, fine)), reference)
+    assert notes == {"mask_resampled": True, "mask_labels": [1]}
+    assert np.array_equal(np.argwhere(array == 1), [[k, j, i] for k in (1, 2) for j in (1, 2)
+                                                     for i in (1, 2)])  # fmt: skip
