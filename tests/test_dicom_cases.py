@@ -579,3 +579,25 @@ def test_mask_onto_copies_a_matching_grid_and_refuses_to_lose_a_label():
     assert notes == {"mask_resampled": True, "mask_labels": [1]}
     assert np.array_equal(np.argwhere(array == 1), [[k, j, i] for k in (1, 2) for j in (1, 2)
                                                      for i in (1, 2)])  # fmt: skip
+
+
+def test_unusable_mask_files_quarantine_their_case_at_index(cohort, tmp_path):
+    import shutil
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b broken")
+    shutil.copy(cohort["series"]["good"]["flair"][0], tmp_path / "slice.dcm")
+    files = {"seg_ax": "nowhere.nii.gz", "seg_ob": "notes.txt", "seg_sag": "broken.nii.gz",
+             "seg_t1": "slice.dcm"}  # fmt: skip
+    masks = write_labels(tmp_path / "masks.csv",
+                         [(cohort["studies"][name], f) for name, f in files.items()],
+                         ["StudyInstanceUID", "mask"])  # fmt: skip
+    index = build_index(cohort["root"], None, key=KEY, n_shards=1, progress=False,
+                        case_key="StudyInstanceUID", channels=CHANNELS, masks_table=masks)  # fmt: skip
+    reasons = {name: _quarantine_reason({**cohort, "index": index}, name) for name in files}
+    assert reasons["seg_ax"] == "mask: file not found"
+    assert reasons["seg_ob"].startswith("mask: unsupported format")
+    assert reasons["seg_sag"].startswith("mask: unreadable label image (")
+    assert "broken" not in reasons["seg_sag"]
+    assert reasons["seg_t1"] == "mask: a DICOM file that is not a SEG (MR Image Storage)"
+    assert index.summary["units_excluded"]["mask: unreadable label image"] == 1

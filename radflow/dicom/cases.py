@@ -57,7 +57,7 @@ REASON_NO_MASK = "no mask in masks table"
 REASON_MASK = "mask"  # prefix of every problem of a case's mask file ("mask: ...")
 #: Reasons followed by case-specific details; the summary counts them by prefix.
 _DETAILED = (REASON_MISSING_CHANNEL, REASON_CHANNEL_TWICE, REASON_SEVERAL_CHANNELS,
-                    REASON_CASE_PATIENTS)  # fmt: skip
+             REASON_CASE_PATIENTS)  # fmt: skip
 #: Extra columns of a case shard table (after the unit shard table's).
 CASE_SHARD_COLUMNS = [C.CHANNEL, C.ROLE, C.MASK_SHA256, C.MASK_LABELS]
 
@@ -123,21 +123,13 @@ def _case_label(case: _Case, labels: Mapping[str, int] | None) -> tuple[int, str
     return found.pop(), ""
 
 
-def _short(exc: BaseException, path: str) -> str:
-    text = " ".join(str(exc).split())
-    for secret in (path, os.path.dirname(path), os.path.basename(path)):
-        if secret:
-            text = text.replace(secret, "<file>")
-    return f"{type(exc).__name__}: {text}"[:160] if text else type(exc).__name__
-
-
 def check_mask(path: str, channel_units: Sequence[tuple[str, _Member]], patient: str,
                patient_key: str) -> tuple[str, str]:  # fmt: skip
     """(source channel, reason) of a case's mask file, from its header: a label image
     (NIfTI, MetaImage, NRRD) has no source channel (""), a DICOM SEG the first channel
     whose series it references. `channel_units`: (channel, unit) in channel order."""
     from radflow.dicom.seg import read_seg_header
-    from radflow.images import VOLUME_SUFFIXES, read_info
+    from radflow.images import VOLUME_SUFFIXES, _short, read_info
 
     if not os.path.isfile(path):
         return "", f"{REASON_MASK}: file not found"
@@ -145,7 +137,8 @@ def check_mask(path: str, channel_units: Sequence[tuple[str, _Member]], patient:
         try:
             info = read_info(path)
         except Exception as exc:  # one bad mask must not stop the index
-            return "", f"{REASON_MASK}: unreadable label image ({_short(exc, path)})"
+            secrets = [path, os.path.dirname(path), os.path.basename(path)]
+            return "", f"{REASON_MASK}: unreadable label image ({_short(exc, secrets)})"
         if info.components != 1:
             return (
                 "",
