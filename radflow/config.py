@@ -88,6 +88,27 @@ def _inside(path: str, folder: str) -> bool:
         return False
 
 
+def _case_problems(data: Mapping[str, Any]) -> list[str]:
+    """The multi-series case and mask settings (data.case_key, channels,
+    reference_channel, masks_*) against the input they need."""
+    keys = ("case_key", "channels", "masks_table", "masks_key", "mask_labels")
+    used = [k for k in keys if data.get(k)]
+    if data.get("images_table"):
+        return [f"data.{used[0]}: DICOM input only; an images table names its channels and "
+                "masks in its own columns (data.columns)"] if used else []  # fmt: skip
+    from radflow.dicom.channels import channel_problems
+
+    problems = channel_problems(data.get("case_key"), data.get("channels"),
+                                data.get("reference_channel"))  # fmt: skip
+    if data.get("reference_channel") and data.get("dicom_root") and not data.get("channels"):
+        problems.append("data.reference_channel: a DICOM tree has channels only with "
+                        "data.case_key and data.channels")  # fmt: skip
+    for key in ("masks_key", "mask_labels"):
+        if data.get(key) and not data.get("masks_table"):
+            problems.append(f"data.{key}: set only with data.masks_table")
+    return problems
+
+
 def check_config(config: dict, task=None) -> None:
     """Raise ConfigError listing every problem found (not just the first).
 
@@ -114,6 +135,7 @@ def check_config(config: dict, task=None) -> None:
     need_file("images_table", data.get("images_table"), "file")
     need_file("annotations_table", data.get("annotations_table"), "file")
     need_file("lesions_table", data.get("lesions_table"), "file")
+    need_file("masks_table", data.get("masks_table"), "file")
     if data.get("lesions_table") and not data.get("images_table"):
         problems.append(
             "data.lesions_table: lesion centres in world mm are read with an images table; "
@@ -124,8 +146,10 @@ def check_config(config: dict, task=None) -> None:
             "data: give exactly one input, data.dicom_root (a DICOM tree, with "
             "data.labels_table) or data.images_table (a table of image files)"
         )
-    if data.get("dicom_root") and not data.get("labels_table"):
-        problems.append("data.labels_table: a DICOM tree needs a labels table; set its path")
+    if data.get("dicom_root") and not data.get("labels_table") and not data.get("masks_table"):
+        problems.append("data.labels_table: a DICOM tree needs a labels table (or, for "
+                        "segmentation, a data.masks_table); set its path")  # fmt: skip
+    problems += _case_problems(data)
     if data.get("images_table") and synthetic:
         problems.append(
             "synthesize.enabled writes a DICOM cohort: it needs data.dicom_root, not "
@@ -159,6 +183,7 @@ def check_config(config: dict, task=None) -> None:
         ("data.labels_table", data.get("labels_table")),
         ("data.images_table", data.get("images_table")),
         ("data.lesions_table", data.get("lesions_table")),
+        ("data.masks_table", data.get("masks_table")),
         ("split.table", split_table),
         ("data.annotations_table", data.get("annotations_table")),
         ("deid.key_file", deid["key_file"]),

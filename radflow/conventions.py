@@ -33,6 +33,16 @@ FRAMES = "frames"
 #: Private shard tables: the keys that split a unit out of its series ("echo=2/part=P",
 #: "" if none), so that convert picks dcm2niix's matching image ("_e2_ph").
 UNIT_KEYS = "unit_keys"
+#: Private shard tables of multi-channel cases (images tables and DICOM cases): the
+#: channel name of a row, its role (ROLE_IMAGE or ROLE_MASK) and, for a mask row, the
+#: mask file's content hash (a mask replaced under the same name reconverts its shard) and
+#: the mapping of a DICOM SEG's segment labels to label values (JSON; "" for numbers).
+CHANNEL = "channel"
+ROLE = "role"
+ROLE_IMAGE = "image"
+ROLE_MASK = "mask"
+MASK_SHA256 = "mask_sha256"
+MASK_LABELS = "mask_labels"
 #: Values of the convert.uneven_spacing and convert.gantry_tilt settings (default first).
 UNEVEN_SPACING_CHOICES = ("resample", "reject")
 GANTRY_TILT_CHOICES = ("correct", "reject")

@@ -54,3 +54,20 @@ def tree_fingerprint(dicom_root: str | os.PathLike, files: list[str] | None = No
         stat = (root / rel).stat()
         digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def files_fingerprint(root: str | os.PathLike, files: list[str]) -> str:
+    """A short hash of (path, size, modification time) of the named files (relative to
+    `root`, or absolute); a missing file hashes as missing. Used for the files a table
+    names (an images table's images, a masks table's masks): a replaced file reruns the
+    index even though the table itself did not change."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for rel in files:
+        try:
+            stat = os.stat(os.path.join(root, rel))
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{rel}\0missing\n".encode())
+    return digest.hexdigest()[:16]

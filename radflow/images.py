@@ -28,7 +28,6 @@ The same semantics as a DICOM tree's index (`radflow.dicom.index`) and conversio
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections import Counter
@@ -41,19 +40,27 @@ import numpy as np
 import pandas as pd
 
 from radflow import conventions as C
+from radflow.cases import (  # noqa: F401  (read_volume: re-exported)
+    DIRECTION_TOL,
+    ORIGIN_TOL_MM,
+    SPACING_TOL_MM,
+    label_dtype,
+    mask_onto,
+    ras_affine,
+    read_volume,
+    stack_channels,
+    write_case,
+)
 from radflow.dicom.index import IndexResult
+from radflow.files import files_fingerprint
 from radflow.labels import _line, _require_columns
-from radflow.tables import read_table, read_tsv, write_bytes_atomic, write_tsv
+from radflow.tables import read_table, read_tsv, write_tsv
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 PLANAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 ROUTE_TABLE = "images_table"
-ROLE_IMAGE = "image"
-ROLE_MASK = "mask"
-CHANNEL = "channel"  # private shard tables: the channel name of an image row
-ROLE = "role"  # private shard tables: ROLE_IMAGE or ROLE_MASK
-#: Geometry tolerances: spacing and origin in mm, direction cosines (as the DICOM side).
-SPACING_TOL_MM, ORIGIN_TOL_MM, DIRECTION_TOL = 0.01, 0.01, 1e-3
+# private shard tables: the channel name of an image row, its role (image or mask)
+CHANNEL, ROLE, ROLE_IMAGE, ROLE_MASK = C.CHANNEL, C.ROLE, C.ROLE_IMAGE, C.ROLE_MASK
 
 REASON_MISSING_FILE = "file not found"
 REASON_UNSUPPORTED = "unsupported image format"
@@ -245,17 +252,7 @@ def referenced_files(images_table: str | os.PathLike, columns: TableColumns) -> 
 def table_fingerprint(images_table: str | os.PathLike, columns: TableColumns) -> str:
     """Hash of (path, size, mtime) of every file the table names: a replaced image
     reruns the index even though the table itself did not change."""
-    import hashlib
-
-    root = table_root(images_table)
-    digest = hashlib.sha256()
-    for rel in referenced_files(images_table, columns):
-        try:
-            stat = os.stat(os.path.join(root, rel))
-            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{rel}\0missing\n".encode())
-    return digest.hexdigest()[:16]
+    return files_fingerprint(table_root(images_table), referenced_files(images_table, columns))
 
 
 def _read_rows(images_table, columns: TableColumns, modality: str, need_label: bool) -> list[_Row]:
@@ -629,70 +626,6 @@ def _planar_pixels(path: str) -> tuple[np.ndarray, dict]:
     return np.ascontiguousarray(array), notes
 
 
-def _ras_affine(spacing, origin, direction) -> np.ndarray:
-    """NIfTI (RAS) affine of an ITK (LPS) 3D geometry."""
-    d = np.asarray(direction, float).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = d * np.asarray(spacing, float)[None, :]
-    affine[:3, 3] = origin
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-
-
-def read_volume(path: str):
-    """A volume file as a SimpleITK image. NIfTI voxels are read by nibabel, geometry by
-    ITK: ITK's NIfTI reader silently zero-fills a truncated .nii or .nii.gz, nibabel
-    raises. Other formats (MetaImage, NRRD) are read by ITK, which raises itself."""
-    import SimpleITK as sitk
-
-    if not path.lower().endswith((".nii", ".nii.gz")):
-        return sitk.ReadImage(path)
-    import nibabel as nib
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.ReadImageInformation()
-    proxy = nib.load(path).dataobj
-    slope, inter = proxy.slope, proxy.inter
-    data = np.asarray(proxy.get_unscaled())  # raises on a truncated file
-    if (slope not in (1, None) and np.isfinite(slope)) or (inter not in (0, None)
-                                                           and np.isfinite(inter)):  # fmt: skip
-        data = data.astype(np.float32) * np.float32(slope) + np.float32(inter)
-    data = data.reshape(data.shape[: reader.GetDimension()] if data.ndim > reader.GetDimension()
-                        else data.shape)  # fmt: skip
-    image = sitk.GetImageFromArray(np.ascontiguousarray(data.T))
-    image.SetSpacing(reader.GetSpacing())
-    image.SetOrigin(reader.GetOrigin())
-    image.SetDirection(reader.GetDirection())
-    return image
-
-
-def _volume(path: str, reference=None):
-    """A SimpleITK image of a volume file (scalar), resampled onto `reference`'s grid
-    (linear) when given and different. Returns (image, resampled?)."""
-    import SimpleITK as sitk
-
-    image = read_volume(path)
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        raise ValueError(f"{image.GetNumberOfComponentsPerPixel()} components per voxel: "
-                         "one scalar image per channel is needed")  # fmt: skip
-    if image.GetDimension() == 2:
-        image = sitk.JoinSeries(image)
-    if reference is None:
-        return image, False
-    same = (
-        image.GetSize() == reference.GetSize()
-        and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=SPACING_TOL_MM)
-        and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=ORIGIN_TOL_MM)
-        and np.allclose(image.GetDirection(), reference.GetDirection(), atol=DIRECTION_TOL)
-    )
-    if same:
-        image.CopyInformation(reference)
-        return image, False
-    image = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), reference, sitk.Transform(),
-                          sitk.sitkLinear, 0.0, sitk.sitkFloat32)  # fmt: skip
-    return image, True
-
-
 def convert_table_unit(
     series_pid: str,
     modality: str,
@@ -706,7 +639,6 @@ def convert_table_unit(
     """Convert one case (`images`: (channel, path) with the reference channel first;
     `mask`: a path or ""); never raises for a bad case. Returns its manifest row."""
     from radflow.dicom import radflow_version
-    from radflow.dicom.nifti import write_nifti
 
     out = Path(out_dir)
     outputs = [out / f"{series_pid}{s}" for s in (C.NIFTI_SUFFIX, C.SIDECAR_SUFFIX)]
@@ -739,18 +671,10 @@ def convert_table_unit(
         else:
             import SimpleITK as sitk
 
-            reference, _ = _volume(absolute(images[0][1]))
-            volumes = [sitk.GetArrayViewFromImage(reference)]
-            for channel, path in images[1:]:
-                image, was_resampled = _volume(absolute(path), reference)
-                if was_resampled:
-                    resampled.append(channel)
-                volumes.append(sitk.GetArrayViewFromImage(image))
-            dtypes = {v.dtype for v in volumes}
-            dtype = dtypes.pop() if len(dtypes) == 1 else np.float32
-            data = np.stack([np.asarray(v, dtype) for v in volumes])  # (C, z, y, x)
+            reference, data, resampled_at = stack_channels([absolute(p) for _, p in images])
+            resampled = [images[i][0] for i in resampled_at]
             spacing = tuple(reference.GetSpacing())
-            affine = _ras_affine(spacing, reference.GetOrigin(), reference.GetDirection())
+            affine = ras_affine(spacing, reference.GetOrigin(), reference.GetDirection())
             size = reference.GetSize()
             ndim = 2 if size[2] == 1 else 3
             shape = list(size)
@@ -762,19 +686,9 @@ def convert_table_unit(
                 if mask_image.GetSize() != reference.GetSize():
                     raise ValueError(f"{REASON_MASK_GRID}: {mask_image.GetSize()} vs "
                                      f"{reference.GetSize()} voxels")  # fmt: skip
-                mask_array = sitk.GetArrayFromImage(mask_image)
+                mask_array, _ = mask_onto(mask_image, reference)
         if mask_array is not None:
-            if not np.all(np.equal(np.mod(mask_array, 1), 0)) or mask_array.min() < 0:
-                raise ValueError("the mask holds values that are not non-negative integers: "
-                                 "a label map is needed")  # fmt: skip
-            top = int(mask_array.max())
-            mask_dtype = np.uint8 if top < 256 else np.uint16
-            write_nifti(mask_out, mask_array.astype(mask_dtype), affine, compression_level,
-                        threads)  # fmt: skip
-        else:
-            mask_out.unlink(missing_ok=True)
-        volume = data[0] if len(data) == 1 else data
-        write_nifti(outputs[0], volume, affine, compression_level, threads)
+            mask_array = label_dtype(mask_array)
         channel_names = [c for c, _ in images if c]
         sidecar = {
             "series_pid": series_pid,
@@ -797,7 +711,8 @@ def convert_table_unit(
             ),  # fmt: skip
             **notes,
         }
-        write_bytes_atomic(outputs[1], (json.dumps(sidecar, indent=2) + "\n").encode())
+        write_case(out, series_pid, data, affine, mask_array, sidecar,
+                   compression_level=compression_level, threads=threads)  # fmt: skip
         row.update({C.STATUS: C.STATUS_OK, "ndim": ndim,
                     "shape": "\\".join(map(str, shape[:ndim] if ndim == 2 else shape)),
                     "spacing_mm": "\\".join(f"{v:.6g}" for v in spacing[:ndim]),

@@ -80,6 +80,42 @@ def read_labels(
     return labels
 
 
+def read_masks(masks_table: str | os.PathLike, *, key: str, column: str = "mask") -> dict[str, str]:
+    """{key value: absolute mask path} from a masks table: CSV/TSV, one row per mask,
+    with the key column `key` (a DICOM keyword, the column named like it) and the path
+    column `column` (relative to the table's folder, or absolute).
+
+    Raises ValueError, naming file, column and line but never a value, on a missing
+    column, no rows, an empty key or path, or one key given two different paths.
+    """
+    table = read_table(masks_table)
+    _require_columns(table, masks_table, [key, column],
+                     "the data.masks_key (default data.case_key) / data.masks_column settings")  # fmt: skip
+    if table.empty:
+        raise ValueError(f"{masks_table}: the masks table has no rows")
+    root = os.path.dirname(os.path.abspath(masks_table))
+    masks: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for i, (key_value, path) in enumerate(zip(table[key], table[column], strict=True)):
+        for name, text in ((key, key_value), (column, path)):
+            if not text:
+                raise ValueError(f"{masks_table}: empty {name!r} at line {_line(i)}")
+        path = os.path.normpath(os.path.join(root, path))
+        if key_value in masks and masks[key_value] != path:
+            raise ValueError(f"{masks_table}: lines {first_line[key_value]} and {_line(i)} give "
+                             f"different {column!r} files for the same {key!r}")  # fmt: skip
+        masks[key_value] = path
+        first_line.setdefault(key_value, _line(i))
+    return masks
+
+
+def mask_files(masks_table: str | os.PathLike, column: str = "mask") -> list[str]:
+    """Every path the masks table names, as written (for the workflow's fingerprint of
+    the input data; a table without the column names none)."""
+    table = read_table(masks_table)
+    return sorted({p for p in table.get(column, []) if p})
+
+
 @dataclass(frozen=True)
 class Annotation:
     key: str

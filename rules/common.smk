@@ -1,4 +1,5 @@
 # Paths, shard and fold lists, input functions. No study logic here: that is radflow's.
+import os
 import sys
 
 # The workflow uses the radflow package next to it (scripts do the same for their jobs,
@@ -7,7 +8,8 @@ sys.path.insert(0, workflow.basedir)
 
 from radflow import conventions as C
 from radflow.config import check_config, preprocess_params
-from radflow.files import list_files, tree_fingerprint
+from radflow.dicom.channels import CASE_KEYS
+from radflow.files import files_fingerprint, list_files, tree_fingerprint
 from radflow.images import (
     LESIONS_TABLE,
     TableColumns,
@@ -15,6 +17,7 @@ from radflow.images import (
     table_fingerprint,
     table_root,
 )
+from radflow.labels import mask_files
 from radflow.split import OFFICIAL_SPLIT_TABLE, official_fold_count
 from radflow.ablation import JOB_FILES, ablation_folds, job_name
 from radflow.tasks import get_task
@@ -120,11 +123,22 @@ def get_tree_fingerprint():
         return ""
     if IMAGES_TABLE:
         return table_fingerprint(IMAGES_TABLE, TABLE_COLUMNS)
-    return tree_fingerprint(config["data"]["dicom_root"], INPUT_FILES)
+    fingerprint = tree_fingerprint(config["data"]["dicom_root"], INPUT_FILES)
+    masks_table = config["data"].get("masks_table")
+    if masks_table:  # the mask files a masks table names, wherever they are
+        folder = os.path.dirname(os.path.abspath(masks_table))
+        column = config["data"]["masks_column"]
+        masks = files_fingerprint(folder, mask_files(masks_table, column))
+        fingerprint = f"{fingerprint}+{masks}"
+    return fingerprint
 
 
 def get_labels_input():
-    return [] if IMAGES_TABLE else config["data"]["labels_table"]
+    return [] if IMAGES_TABLE else config["data"]["labels_table"] or []
+
+
+def get_masks_input():
+    return config["data"].get("masks_table") or []
 
 
 def get_lesions_input():
@@ -185,6 +199,10 @@ def get_data_params():
         **(data["columns"] or {}),
         "label": config["data"]["label_column"],
     }
+    # multi-series DICOM cases and masks (radflow.dicom.cases): listed only when used,
+    # so a study without them keeps the parameters it was run with
+    if config["data"].get("case_key") or config["data"].get("masks_table"):
+        data.update({k: config["data"][k] for k in CASE_KEYS})
     return data
 
 

@@ -6,6 +6,7 @@ checkpoint index:
         key=KEY_FILE,
         split_table=get_split_table_input(),
         lesions=get_lesions_input(),
+        masks=get_masks_input(),
     output:
         series=f"{RESULTS}/index/{C.SERIES_TABLE}",
         quarantine=report(

@@ -34,17 +34,21 @@ with log_to(snakemake.log[0]):
         )
         patient_column = columns.patient
     else:
+        from radflow.dicom.channels import CASE_KEYS
         from radflow.dicom.index import build_index
 
         result = build_index(
             data["dicom_root"],
-            snakemake.input.labels,
+            snakemake.input.labels or None,
             annotations_table=snakemake.input.annotations or None,
+            masks_table=snakemake.input.masks or None,
             key=key,
             n_shards=snakemake.params.n_shards,
             threads=snakemake.threads,
-            **{k: data[k] for k in ("label_key", "label_column", "positive_value", "patient_key")},
-        )
+            **{k: data[k] for k in ("label_key", "label_column", "positive_value", "patient_key",
+                                    "reference_channel")},
+            **{k: data[k] for k in CASE_KEYS if k in data},  # multi-series cases, masks
+        )  # fmt: skip
         patient_column = data["patient_key"]
     from radflow.images import LESION_COLUMNS, LESIONS_TABLE
 

@@ -446,30 +446,41 @@ def convert_shard(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Convert every unit listed in a private shard table (series_pid, modality, path,
-    frames, unit_keys; see `radflow.dicom.index.read_shard_files`).
+    frames, unit_keys; see `radflow.dicom.index.read_shard_files`), or every case of a
+    case shard table (with channel, role, mask_sha256, mask_labels:
+    `radflow.dicom.case_convert`).
 
     Outputs in `out_dir`: per converted unit `<series_pid>.nii.gz` + `.json` (+ `.bval`,
-    `.bvec`), and `manifest.tsv` (MANIFEST_COLUMNS: series_pid, status ok/failed, reason,
-    route dcm2niix/radflow, ndim 2/3/4, shape x\\y\\z[\\t] as stored, spacing_mm x\\y\\z,
-    dtype), one row per unit sorted by series_pid. `threads` cores are used as
-    `plan_workers` says (units with the most files start first); a failed unit is listed
-    with its reason and the others still convert. The files do not depend on `threads`.
-    Returns the manifest.
+    `.bvec`; a case: its channels on the 4th axis, + `_mask.nii.gz`), and `manifest.tsv`
+    (MANIFEST_COLUMNS: series_pid, status ok/failed, reason, route dcm2niix/radflow,
+    ndim 2/3/4, shape x\\y\\z[\\t] as stored, spacing_mm x\\y\\z, dtype), one row per unit
+    sorted by series_pid. `threads` cores are used as `plan_workers` says (units with the
+    most files start first); a failed unit is listed with its reason and the others still
+    convert. The files do not depend on `threads`. Returns the manifest.
     """
     table = read_shard_files(shard_files_tsv)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    groups = sorted(table.groupby(C.SERIES_PID, sort=True), key=lambda g: -len(g[1]))
-    processes, unit_threads = plan_workers(len(groups), threads)
-    jobs = [
-        dict(series_pid=series_pid, modality=group[C.MODALITY].iloc[0],
-             paths=sorted(group[C.PATH]), dicom_root=str(dicom_root), out_dir=str(out),
-             compression_level=compression_level, keys=group[C.UNIT_KEYS].iloc[0],
-             uneven_spacing=uneven_spacing, gantry_tilt=gantry_tilt, threads=unit_threads)
-        for series_pid, group in groups
-    ]  # fmt: skip
-    rows = run_jobs(_convert_job, jobs, processes, MANIFEST_COLUMNS, unit="unit",
-                    progress=progress)  # fmt: skip
+    settings = dict(compression_level=compression_level, uneven_spacing=uneven_spacing,
+                    gantry_tilt=gantry_tilt)  # fmt: skip
+    if C.ROLE in table.columns:
+        from radflow.dicom.case_convert import _convert_case_job, case_jobs
+
+        fn, unit = _convert_case_job, "case"
+        jobs = case_jobs(table, str(dicom_root), str(out), **settings)
+    else:
+        groups = sorted(table.groupby(C.SERIES_PID, sort=True), key=lambda g: -len(g[1]))
+        fn, unit = _convert_job, "unit"
+        jobs = [
+            dict(series_pid=series_pid, modality=group[C.MODALITY].iloc[0],
+                 paths=sorted(group[C.PATH]), dicom_root=str(dicom_root), out_dir=str(out),
+                 keys=group[C.UNIT_KEYS].iloc[0], **settings)
+            for series_pid, group in groups
+        ]  # fmt: skip
+    processes, unit_threads = plan_workers(len(jobs), threads)
+    for job in jobs:
+        job["threads"] = unit_threads
+    rows = run_jobs(fn, jobs, processes, MANIFEST_COLUMNS, unit=unit, progress=progress)
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     manifest = manifest.sort_values(C.SERIES_PID, kind="stable").reset_index(drop=True)
     write_tsv(manifest, out / C.MANIFEST)

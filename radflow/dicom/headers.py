@@ -141,6 +141,9 @@ class FileRecord:
     trace: bool = False  # a derived isotropic diffusion (trace) image (Philips)
     n_frames: int = 1
     slices: list[SliceKey] = field(default_factory=list)
+    #: values of further keywords the index asked for (case key, channel keyword, mask
+    #: key), {keyword: text}; identifiers and free text, in memory only
+    keys: dict[str, str] = field(default_factory=dict)
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -317,15 +320,19 @@ def _pixel_data_problem(
     return True, ""
 
 
-def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> FileRecord:
+def read_file_record(
+    root: str, rel: str, patient_key: str, label_key: str, extra_keys: Sequence[str] = ()
+) -> FileRecord:
     """Read one file's header (no pixels) and classify it.
 
-    Inputs: the DICOM root, the file's path relative to it, and the keywords of the patient
-    and label keys. Output: a `FileRecord` whose `reason` is empty for a usable image.
+    Inputs: the DICOM root, the file's path relative to it, the keywords of the patient
+    and label keys, and further keywords whose values the caller needs (`extra_keys`,
+    kept in `FileRecord.keys`). Output: a `FileRecord` whose `reason` is empty for a
+    usable image.
     """
     rec = FileRecord(path=rel)
     path = os.path.join(root, rel)
-    tags = [*_INDEX_KEYWORDS, PHILIPS_DIFFUSION_DIRECTION, patient_key, label_key]
+    tags = [*_INDEX_KEYWORDS, PHILIPS_DIFFUSION_DIRECTION, patient_key, label_key, *extra_keys]
     try:
         file_size = os.path.getsize(path)
         if file_size == 0:
@@ -396,6 +403,7 @@ def read_file_record(root: str, rel: str, patient_key: str, label_key: str) -> F
             rec.trace = _is_trace(ds)
             rec.n_frames = frames
             rec.slices = _slice_keys(ds, frames)
+            rec.keys = {keyword: _text(ds, keyword) for keyword in extra_keys}
     except InvalidDicomError:
         rec.reason = REASON_NOT_DICOM
     except Exception as exc:  # any parse failure of a damaged file: quarantine, go on
@@ -441,9 +449,9 @@ def _read_header(fh: Any, tags: Sequence[str | int]) -> pydicom.Dataset:
         return ds
 
 
-def _read_chunk(args: tuple[str, list[str], str, str]) -> list[FileRecord]:
-    root, rels, patient_key, label_key = args
-    return [read_file_record(root, rel, patient_key, label_key) for rel in rels]
+def _read_chunk(args: tuple[str, list[str], str, str, tuple[str, ...]]) -> list[FileRecord]:
+    root, rels, patient_key, label_key, extra_keys = args
+    return [read_file_record(root, rel, patient_key, label_key, extra_keys) for rel in rels]
 
 
 def scan_files(
@@ -452,10 +460,12 @@ def scan_files(
     *,
     patient_key: str,
     label_key: str,
+    extra_keys: Sequence[str] = (),
     threads: int = 1,
     progress: bool = True,
 ) -> list[FileRecord]:
     """`read_file_record` over `rels`, in `threads` processes; records in `rels` order."""
+    extra_keys = tuple(extra_keys)
     root = os.path.abspath(dicom_root)
     n = len(rels)
     chunk = max(1, min(256, math.ceil(n / max(1, threads * 8))))
@@ -467,12 +477,12 @@ def scan_files(
     try:
         if threads <= 1 or len(chunks) <= 1:
             for i, part in enumerate(chunks):
-                results[i] = _read_chunk((root, part, patient_key, label_key))
+                results[i] = _read_chunk((root, part, patient_key, label_key, extra_keys))
                 bar.update(len(part))
         else:
             with ProcessPoolExecutor(max_workers=threads) as pool:
                 futures = {
-                    pool.submit(_read_chunk, (root, part, patient_key, label_key)): i
+                    pool.submit(_read_chunk, (root, part, patient_key, label_key, extra_keys)): i
                     for i, part in enumerate(chunks)
                 }
                 for future in as_completed(futures):

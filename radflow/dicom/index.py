@@ -28,6 +28,8 @@ import pandas as pd
 from pydicom.datadict import tag_for_keyword
 
 from radflow import conventions as C
+from radflow.dicom.cases import CASE_SHARD_COLUMNS, index_cases
+from radflow.dicom.channels import CaseSettings
 from radflow.dicom.headers import (  # noqa: F401  (re-exported: the index's public names)
     REASON_DICOMDIR,
     REASON_DUPLICATE,
@@ -39,9 +41,15 @@ from radflow.dicom.headers import (  # noqa: F401  (re-exported: the index's pub
     read_file_record,
     scan_files,
 )
-from radflow.dicom.units import REASON_LOCALIZER, REASON_OFF_STACK, group_units
+from radflow.dicom.units import REASON_LOCALIZER, REASON_OFF_STACK, group_units, identity_problem
 from radflow.files import list_files, tree_fingerprint  # noqa: F401
-from radflow.labels import Annotation, join_annotations, read_annotations, read_labels  # noqa: F401
+from radflow.labels import (  # noqa: F401
+    Annotation,
+    join_annotations,
+    read_annotations,
+    read_labels,
+    read_masks,
+)
 from radflow.tables import read_table, read_tsv, write_bytes_atomic, write_tsv  # noqa: F401
 
 #: Reasons that end in file-specific details "(...)"; the summary counts them by prefix.
@@ -153,6 +161,14 @@ class IndexResult:
         if s.get("channels"):
             lines.append(f"index: channels {', '.join(s['channels'])} (the first is the "
                          "reference grid)")  # fmt: skip
+        cases = s.get("cases") or {}
+        if cases.get("case_key"):
+            lines.append(f"index: {cases['n_cases_found']} cases by {cases['case_key']}, "
+                         f"{cases['n_units_not_a_channel']} image units match no channel")  # fmt: skip
+        if cases.get("masks"):
+            m = cases["masks"]
+            lines.append(f"index: {m['n_rows']} masks table rows ({m['unmatched']} match no "
+                         f"image unit), {m['kept_cases_with_mask']} kept cases with a mask")  # fmt: skip
         if s.get("n_label_keys_with_several_patients"):
             lines.append(
                 f"index: WARNING {s['n_label_keys_with_several_patients']} label keys occur "
@@ -195,15 +211,103 @@ def _check_keyword(keyword: str, what: str) -> None:
         raise ValueError(f"{what} {keyword!r} is not a DICOM keyword (e.g. 'AccessionNumber')")
 
 
+@dataclass
+class _Rows:
+    """What the index collects unit by unit (or case by case, `radflow.dicom.cases`)."""
+
+    pseudo: C.Pseudonyms
+    file_id: dict[str, str]
+    n_shards: int
+    series: list[dict[str, Any]] = field(default_factory=list)
+    shards: dict[int, list[tuple[str, ...]]] = field(default_factory=dict)
+    #: (file_id, series_pid, path, reason): excluded units in results (file_id, path
+    #: empty), and each of their files in the private table
+    unit_quarantine: list[tuple[str, str, str, str]] = field(default_factory=list)
+    unit_file_quarantine: list[tuple[str, str, str, str]] = field(default_factory=list)
+    excluded: Counter[str] = field(default_factory=Counter)
+    unit_of_sop: dict[str, str] = field(default_factory=dict)
+    label_keys_used: set[str] = field(default_factory=set)
+    #: one labelled key seen with several patients (merged records?) can leak across splits
+    patients_of_key: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    units_of_key: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+    def __post_init__(self) -> None:
+        self.shards = {k: [] for k in range(self.n_shards)}
+
+    def exclude(self, series_pid: str, files: Sequence[FileRecord], reason: str,
+                category: str | None = None) -> None:  # fmt: skip
+        self.excluded[category or reason] += 1
+        self.unit_quarantine.append(("", series_pid, "", reason))
+        self.unit_file_quarantine.extend(
+            (self.file_id[f.path], series_pid, f.path, reason) for f in files
+        )
+
+    def series_row(self, series_pid: str, first: FileRecord, label: int, shard: int,
+                   n_files: int) -> dict[str, Any]:  # fmt: skip
+        return {
+            C.SERIES_PID: series_pid,
+            C.STUDY_PID: self.pseudo("stu", first.study_uid),
+            C.PATIENT_PID: self.pseudo("pat", first.patient),
+            C.LABEL: label,
+            C.SHARD: shard,
+            C.MODALITY: first.modality,
+            "n_files": n_files,
+            "rows": first.rows,
+            "columns": first.columns,
+            "photometric": first.photometric,
+            "pixel_spacing_mm": first.pixel_spacing,
+            "body_part": first.body_part,
+            "view_position": first.view_position,
+            "manufacturer": first.manufacturer,
+        }
+
+
+def _index_units(units, rows: _Rows, labels: dict[str, int], label_key: str,
+                 patient_key: str) -> None:  # fmt: skip
+    """Every unit its own labelled image (the default, without data.case_key)."""
+    for unit in units:
+        files = sorted(unit.files, key=lambda f: f.path)
+        series_pid = rows.pseudo("ser", unit.unit_id)
+        for f in files:
+            rows.unit_of_sop.setdefault(f.sop_uid, series_pid)
+        reason = unit.problem or identity_problem(files, patient_key, label_key)
+        label_value = files[0].label_value
+        if not reason and label_value not in labels:
+            reason = REASON_NO_LABEL
+        if reason:
+            rows.exclude(series_pid, files, reason)
+            continue
+        rows.label_keys_used.add(label_value)
+        first = files[0]
+        shard = C.shard_of(series_pid, rows.n_shards)
+        row = rows.series_row(series_pid, first, labels[label_value], shard, len(files))
+        rows.series.append(row)
+        rows.shards[shard].extend(
+            (series_pid, first.modality, f.path, unit.frames.get(f.path, ""), unit.keys)
+            for f in files
+        )
+        if first.modality in C.PROJECTION_MODALITIES:
+            rows.units_of_key[label_value].append(row)
+        rows.patients_of_key[label_value].add(row[C.PATIENT_PID])
+
+
 def build_index(
     dicom_root: str | os.PathLike,
-    labels_table: str | os.PathLike,
+    labels_table: str | os.PathLike | None,
     *,
     label_key: str = "AccessionNumber",
     label_column: str = "label",
     positive_value: str = "1",
     patient_key: str = "PatientID",
     annotations_table: str | os.PathLike | None = None,
+    case_key: str | None = None,
+    channels: dict[str, str] | None = None,
+    channel_keyword: str = "SeriesDescription",
+    reference_channel: str | None = None,
+    masks_table: str | os.PathLike | None = None,
+    masks_key: str | None = None,
+    masks_column: str = "mask",
+    mask_labels: dict[str, int] | None = None,
     key: bytes,
     n_shards: int,
     threads: int = 1,
@@ -214,36 +318,65 @@ def build_index(
     Inputs:
       dicom_root: folder tree of DICOM files (any names, any nesting; hidden files skipped).
       labels_table: CSV/TSV with columns `label_key` (a DICOM keyword whose header value
-        identifies the labelled entity, e.g. AccessionNumber) and `label_column`.
+        identifies the labelled entity, e.g. AccessionNumber) and `label_column`. May be
+        None with a masks table (a segmentation study): every case's label is then -1.
       positive_value: label text that means 1; any other non-empty text means 0.
       patient_key: DICOM keyword identifying the patient (for patient-level splits).
       annotations_table: optional CSV/TSV keyed by `label_key` with row_px, col_px
         (0-based pixels of the stored image) and diameter_mm. An annotation whose key
         matches several 2D units (e.g. all views of one study) is attached to each of them;
         annotations matching only 3D units, or outside the image, are counted, not kept.
+      case_key, channels, channel_keyword, reference_channel: multi-series cases
+        (`radflow.dicom.cases`): units grouped by the value of `case_key`, each named by
+        the channel whose pattern its `channel_keyword` value matches. None: one unit,
+        one image (as before).
+      masks_table: optional CSV/TSV of ground-truth masks keyed by `masks_key` (default
+        `case_key`, else `label_key`) with the path column `masks_column`; every case
+        then needs one mask. Its files are not indexed as images. `mask_labels`
+        ({SegmentLabel: value}) labels a DICOM SEG's segments (default: their numbers).
       key: pseudonymisation key (conventions.load_or_create_key).
-      n_shards: number of shards; each unit goes to shard_of(series_pid, n_shards).
+      n_shards: number of shards; each unit (case) goes to shard_of(series_pid, n_shards).
       threads: worker processes for header reading.
     Output: an `IndexResult` (call `.write(results_dir, private_dir)`).
-    Raises ValueError on a malformed labels/annotations table, RuntimeError on a
-    pseudonym collision.
+    Raises ValueError on a malformed labels/annotations/masks table or settings,
+    RuntimeError on a pseudonym collision.
     """
     _check_keyword(label_key, "label_key")
     _check_keyword(patient_key, "patient_key")
     if n_shards < 1:
         raise ValueError(f"n_shards must be >= 1, got {n_shards}")
-    labels = read_labels(
-        labels_table, label_key=label_key, label_column=label_column, positive_value=positive_value
-    )
+    if labels_table is None and masks_table is None:
+        raise ValueError("a DICOM tree needs a labels table, or a masks table (segmentation)")
+    settings = None
+    if case_key or channels or masks_table:
+        settings = CaseSettings.build(case_key, channels, channel_keyword, reference_channel)
+        for keyword, what in zip(settings.keywords, ("case_key", "channel_keyword"), strict=False):
+            _check_keyword(keyword, f"data.{what}")
+    masks_key = masks_key or case_key or label_key
+    masks = None
+    if masks_table:
+        _check_keyword(masks_key, "data.masks_key")
+        masks = read_masks(masks_table, key=masks_key, column=masks_column)
+    labels = (
+        read_labels(labels_table, label_key=label_key, label_column=label_column,
+                    positive_value=positive_value)
+        if labels_table else None
+    )  # fmt: skip
     annotations = (
         read_annotations(annotations_table, label_key=label_key) if annotations_table else []
     )
     rels = list_files(dicom_root)
+    if masks:  # mask files inside the tree are masks, not images to index
+        root = os.path.abspath(dicom_root)
+        mask_files = {os.path.relpath(p, root) for p in masks.values()}
+        rels = [rel for rel in rels if os.path.normpath(rel) not in mask_files]
+    extra_keys = (*settings.keywords, masks_key) if settings is not None else ()
     records = scan_files(
         dicom_root,
         rels,
         patient_key=patient_key,
         label_key=label_key,
+        extra_keys=tuple(dict.fromkeys(extra_keys)),
         threads=threads,
         progress=progress,
     )
@@ -253,8 +386,6 @@ def build_index(
     # Rows (file_id, series_pid, path, reason). Files of excluded units go only to the
     # private table; results list such a unit once, with an empty file_id.
     quarantine: list[tuple[str, str, str, str]] = []
-    unit_quarantine: list[tuple[str, str, str, str]] = []
-    unit_file_quarantine: list[tuple[str, str, str, str]] = []
     for rec in records:
         if rec.reason:
             quarantine.append((file_id[rec.path], "", rec.path, rec.reason))
@@ -281,84 +412,46 @@ def build_index(
         quarantine.append((file_id[rec.path], pseudo("ser", rec.series_uid), rec.path, reason))
     split_counts = Counter(u.split_by for u in units if u.split_by)
 
-    unit_of_sop: dict[str, str] = {}
-    series_rows: list[dict[str, Any]] = []
-    shard_rows: dict[int, list[tuple[str, ...]]] = {k: [] for k in range(n_shards)}
-    excluded: Counter[str] = Counter()
-    label_keys_used: set[str] = set()
-    units_of_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    # One labelled key seen with several patients (merged records?) can leak across splits.
-    patients_of_key: dict[str, set[str]] = defaultdict(set)
-    for unit in units:
-        files = sorted(unit.files, key=lambda f: f.path)
-        series_pid = pseudo("ser", unit.unit_id)
-        for f in files:
-            unit_of_sop.setdefault(f.sop_uid, series_pid)
-        reason = unit.problem
-        if not reason:
-            reason = _unit_problem(files, label_key, patient_key)
-        label_value = files[0].label_value
-        if not reason and label_value not in labels:
-            reason = REASON_NO_LABEL
-        if reason:
-            excluded[reason] += 1
-            unit_quarantine.append(("", series_pid, "", reason))
-            unit_file_quarantine.extend(
-                (file_id[f.path], series_pid, f.path, reason) for f in files
-            )
-            continue
-        label_keys_used.add(label_value)
-        first = files[0]
-        shard = C.shard_of(series_pid, n_shards)
-        row = {
-            C.SERIES_PID: series_pid,
-            C.STUDY_PID: pseudo("stu", first.study_uid),
-            C.PATIENT_PID: pseudo("pat", first.patient),
-            C.LABEL: labels[label_value],
-            C.SHARD: shard,
-            C.MODALITY: first.modality,
-            "n_files": len(files),
-            "rows": first.rows,
-            "columns": first.columns,
-            "photometric": first.photometric,
-            "pixel_spacing_mm": first.pixel_spacing,
-            "body_part": first.body_part,
-            "view_position": first.view_position,
-            "manufacturer": first.manufacturer,
-        }
-        series_rows.append(row)
-        shard_rows[shard].extend(
-            (series_pid, first.modality, f.path, unit.frames.get(f.path, ""), unit.keys)
-            for f in files
-        )
-        if first.modality in C.PROJECTION_MODALITIES:
-            units_of_key[label_value].append(row)
-        patients_of_key[label_value].add(row[C.PATIENT_PID])
+    rows = _Rows(pseudo, file_id, n_shards)
+    case_summary: dict[str, Any] = {}
+    if settings is None:
+        _index_units(units, rows, labels, label_key, patient_key)
+    else:
+        case_summary = index_cases(units, settings, rows, labels=labels, patient_key=patient_key,
+                                   masks=masks, masks_key=masks_key,
+                                   mask_labels=mask_labels)  # fmt: skip
 
     for rec in duplicates:
         quarantine.append(
-            (file_id[rec.path], unit_of_sop.get(rec.sop_uid, ""), rec.path, REASON_DUPLICATE)
+            (file_id[rec.path], rows.unit_of_sop.get(rec.sop_uid, ""), rec.path, REASON_DUPLICATE)
         )
 
     # Keys of units that were found at all, for the "label matches no unit" count.
     found_keys = {unit.files[0].label_value for unit in units}
     annotation_rows, annotation_counts = join_annotations(
-        annotations, units_of_key, {f.label_value for unit in units for f in unit.files}
+        annotations, rows.units_of_key, {f.label_value for unit in units for f in unit.files}
     )
 
-    series = pd.DataFrame(series_rows, columns=_SERIES_COLUMNS)
+    series_columns = _SERIES_COLUMNS + (["channels"] if settings is not None else [])
+    series = pd.DataFrame(rows.series, columns=series_columns)
     series = series.sort_values(C.SERIES_PID, kind="stable").reset_index(drop=True)
     columns = [C.FILE_ID, C.SERIES_PID, C.PATH, C.REASON]
     order = [C.SERIES_PID, C.FILE_ID, C.REASON]
-    q_private = pd.DataFrame(quarantine + unit_file_quarantine, columns=columns)
+    q_private = pd.DataFrame(quarantine + rows.unit_file_quarantine, columns=columns)
     quarantine_paths = q_private.sort_values(order, kind="stable")[_QUARANTINE_PATH_COLUMNS]
     quarantine_paths = quarantine_paths.reset_index(drop=True)
-    q_results = pd.DataFrame(quarantine + unit_quarantine, columns=columns)
+    q_results = pd.DataFrame(quarantine + rows.unit_quarantine, columns=columns)
     quarantine_table = q_results.sort_values(order, kind="stable")[_QUARANTINE_COLUMNS]
     quarantine_table = quarantine_table.reset_index(drop=True)
-    shard_files = {
-        k: pd.DataFrame(sorted(rows), columns=_SHARD_COLUMNS) for k, rows in shard_rows.items()
-    }
+    if settings is None:
+        shard_files = {k: pd.DataFrame(sorted(v), columns=_SHARD_COLUMNS)
+                       for k, v in rows.shards.items()}  # fmt: skip
+    else:  # by case; within a case in channel order, the reference first, then the mask
+        shard_files = {
+            k: pd.DataFrame(sorted(v, key=lambda r: r[0]),
+                            columns=_SHARD_COLUMNS + CASE_SHARD_COLUMNS)
+            for k, v in rows.shards.items()
+        }  # fmt: skip
     annotation_table = pd.DataFrame(annotation_rows, columns=_ANNOTATION_COLUMNS)
     annotation_table = annotation_table.sort_values(_ANNOTATION_COLUMNS, kind="stable")
     annotation_table = annotation_table.reset_index(drop=True)
@@ -369,7 +462,7 @@ def build_index(
         "n_image_files": sum(1 for rec in records if not rec.reason),
         "files_quarantined": dict(sorted(file_reasons.items())),
         "n_units_found": len(units),
-        "units_excluded": dict(sorted(excluded.items())),
+        "units_excluded": dict(sorted(rows.excluded.items())),
         "n_series_split": len({u.unit_id.split("/")[0] for u in units if u.split_by}),
         "units_from_split_series": dict(sorted(split_counts.items())),
         "n_units": len(series),
@@ -380,16 +473,27 @@ def build_index(
         "units_by_modality": {
             str(k): int(v) for k, v in series[C.MODALITY].value_counts().sort_index().items()
         },
-        "n_label_keys": len(labels),
-        "n_label_keys_unmatched": len(set(labels) - found_keys),
-        "n_label_keys_used": len(label_keys_used),
-        "n_label_keys_with_several_patients": sum(len(p) > 1 for p in patients_of_key.values()),
+    }
+    if labels is not None:
+        summary.update({
+            "n_label_keys": len(labels),
+            "n_label_keys_unmatched": len(set(labels) - found_keys),
+            "n_label_keys_used": len(rows.label_keys_used),
+        })  # fmt: skip
+    summary.update({
+        "n_label_keys_with_several_patients": sum(
+            len(p) > 1 for p in rows.patients_of_key.values()
+        ),
         "n_shards": n_shards,
-        "units_per_shard": [len({r[0] for r in shard_rows[k]}) for k in range(n_shards)],
+        "units_per_shard": [len({r[0] for r in rows.shards[k]}) for k in range(n_shards)],
         "label_key": label_key,
         "patient_key": patient_key,
         "positive_value": str(positive_value).strip(),
-    }
+    })  # fmt: skip
+    if settings is not None:
+        summary["cases"] = case_summary
+        if settings.case_key:
+            summary["channels"] = settings.names
     if annotations_table:
         summary["annotations"] = annotation_counts
     return IndexResult(
@@ -405,20 +509,3 @@ def build_index(
 def reason_category(reason: str) -> str:
     """`reason` without its file-specific details, for counting."""
     return next((p for p in _DETAILED_REASONS if reason.startswith(p)), reason)
-
-
-def _unit_problem(files: Sequence[FileRecord], label_key: str, patient_key: str) -> str:
-    """Why a unit cannot be used ("" if it can): identifiers missing or not constant."""
-    patients = {f.patient for f in files}
-    if "" in patients:
-        return f"missing {patient_key} (a patient-level split cannot be guaranteed)"
-    if len(patients) > 1:
-        return f"{patient_key} differs between files of the unit"
-    if len({f.study_uid for f in files}) > 1:
-        return "StudyInstanceUID differs between files of the unit"
-    label_values = {f.label_value for f in files}
-    if len(label_values) > 1:
-        return f"{label_key} differs between files of the unit"
-    if "" in label_values:
-        return f"no {label_key} in the DICOM header"
-    return ""

@@ -215,6 +215,39 @@ def _group_slices(
     return units, rows
 
 
+def identity_problem(
+    files: Sequence[FileRecord],
+    patient_key: str,
+    label_key: str | None = None,
+    *,
+    required: Sequence[str] = (),
+    constant: Sequence[str] = (),
+) -> str:
+    """Why a unit cannot be used ("" if it can): its patient (and label key, when given)
+    missing or not constant over its files; likewise the header keywords in `required`
+    (read into FileRecord.keys); those in `constant` may be empty but not differ."""
+    patients = {f.patient for f in files}
+    if "" in patients:
+        return f"missing {patient_key} (a patient-level split cannot be guaranteed)"
+    if len(patients) > 1:
+        return f"{patient_key} differs between files of the unit"
+    if len({f.study_uid for f in files}) > 1:
+        return "StudyInstanceUID differs between files of the unit"
+    if label_key is not None:
+        label_values = {f.label_value for f in files}
+        if len(label_values) > 1:
+            return f"{label_key} differs between files of the unit"
+        if "" in label_values:
+            return f"no {label_key} in the DICOM header"
+    for keyword in dict.fromkeys((*required, *constant)):
+        values = {f.keys.get(keyword, "") for f in files}
+        if len(values) > 1:
+            return f"{keyword} differs between files of the unit"
+        if keyword in required and values == {""}:
+            return f"no {keyword} in the DICOM header"
+    return ""
+
+
 def group_units(
     by_series: dict[str, list[FileRecord]],
 ) -> tuple[list[ImageUnit], list[tuple[FileRecord, str]]]:
