@@ -1,0 +1,1 @@
+"""The segmentation task: 3D lesion segmentation of multi-channel brain MR."""
