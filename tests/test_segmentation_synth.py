@@ -165,7 +165,10 @@ def test_every_series_converts_with_dcm2niix_onto_its_header_geometry(series, tm
             # dcm2niix turns 3D volumes losslessly to the closest RAS orientation; 2D
             # stacks (the FLAIR, which the labels follow) stay as acquired, rows flipped
             image, expected = nib.as_closest_canonical(image), nib.as_closest_canonical(expected)
-        np.testing.assert_allclose(image.affine, expected.affine, atol=1e-4)
+        # where dcm2niix starts from the last slice (reversed numbering, 3D turned round)
+        # its single-precision slice step moves the origin by up to ~3e-4 mm
+        reference = re.search(FLAIR_PATTERN, items[0][1].SeriesDescription)
+        np.testing.assert_allclose(image.affine, expected.affine, atol=1e-4 if reference else 1e-3)
         assert np.array_equal(np.asarray(image.dataobj), np.asarray(expected.dataobj))
 
 
@@ -177,7 +180,8 @@ def test_labels_table_has_one_row_per_case_in_both_forms(cohort):
     assert set(labels["label_form"]) == {"nifti", "seg"}
     assert set(labels["lesion"]) == {0, 1}
     positive = set(labels.loc[labels["lesion"] == 1, "StudyInstanceUID"])
-    assert positive == set(lesions.loc[lesions["label_voxels"] > 0, "StudyInstanceUID"])
+    assert positive == set(lesions["StudyInstanceUID"])
+    assert (lesions["label_voxels"] > 0).all()  # even lesions smaller than the voxels
     assert lesions["diameter_mm"].between(5, 40).all()
     for row in labels.itertuples():
         path = cohort / row.label_path

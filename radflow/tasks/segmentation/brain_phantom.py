@@ -542,7 +542,8 @@ def sample_labels(phantom: Phantom, geometry: SliceGeometry) -> tuple[np.ndarray
     voxel the zone (LESION_LABELS) or background (0) that fills most of it, with the same
     partial-volume averaging as the images; and which lesion (index into
     `phantom.lesions`, -1 for none) each labelled voxel belongs to. A lesion smaller than
-    the voxels may fill none of them most, and then is not in the label map."""
+    the voxels, which fills none of them most, is marked on the voxel it fills most (it
+    shows there, and an annotator would mark it), with its zone that fills most of it."""
     shape = geometry.shape
     zone_fractions = np.zeros((3, *shape), dtype=np.float32)
     strongest = np.zeros(shape, dtype=np.float32)
@@ -551,6 +552,7 @@ def sample_labels(phantom: Phantom, geometry: SliceGeometry) -> tuple[np.ndarray
     shifts = _slab_offsets(phantom, geometry)
     to_index = np.linalg.inv(geometry.index_to_lps())
     corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    sampled_boxes = []
     for n, crop in enumerate(phantom.lesions):
         # the series voxels whose slab can touch the crop's box
         size = np.array(crop.fractions.shape[1:])
@@ -572,8 +574,18 @@ def sample_labels(phantom: Phantom, geometry: SliceGeometry) -> tuple[np.ndarray
         mine = total > strongest[box]
         strongest[box] = np.where(mine, total, strongest[box])
         owner[box] = np.where(mine, n, owner[box])
+        sampled_boxes.append((n, lo, sampled))
     background = 1 - zone_fractions.sum(0)
     winner = np.argmax(np.concatenate([background[None], zone_fractions]), axis=0)
     labels = np.array((0, *LESION_LABELS), dtype=np.uint8)[winner]
     owner[labels == 0] = -1
+    for n, lo, sampled in sampled_boxes:
+        total = sampled.sum(0)
+        if (owner == n).any() or total.max() <= 0:
+            continue
+        inside = np.unravel_index(np.argmax(total), total.shape)
+        voxel = tuple(int(a) for a in np.add(lo, inside))
+        if owner[voxel] < 0:
+            labels[voxel] = LESION_LABELS[int(np.argmax(sampled[(slice(None), *inside)]))]
+            owner[voxel] = n
     return labels, owner

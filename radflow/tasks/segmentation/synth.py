@@ -41,9 +41,9 @@ in most lesions over 12 mm, a necrotic core (dark on T1-post).
 **Ground truth** (`ground_truth`). A label map on the FLAIR (the reference series) with
 the BraTS 2013-2015 values: 0 background, 1 necrosis (the non-enhancing core), 2 oedema,
 4 enhancing rim; 3 (non-enhancing tumour) is not used. Each voxel holds the zone that fills
-most of it, so a lesion smaller than the FLAIR's voxels may not show. Per case it is
-delivered, in a share `seg_fraction` of the cases at seeded random (both forms occur
-whenever n_patients >= 2), as either
+most of it; a lesion smaller than the voxels is marked on the one it fills most. Per case,
+in a share `seg_fraction` of the cases at seeded random (both forms occur whenever
+n_patients >= 2), it is delivered as either
 - "nifti": a .nii.gz label map (uint8) on exactly the grid dcm2niix gives the FLAIR series
   (same voxel order, same affine: RAS, i.e. DICOM LPS with x and y negated; rows flipped
   as dcm2niix flips them), or
@@ -55,11 +55,12 @@ Negative cases get an empty label map in the same form.
 **Tables.** `labels.csv`, one row per case: StudyInstanceUID (the key: annotation tools
 and research PACS exports identify a case by its study UID; the SEG carries the same
 UID), label_path (relative to the table), label_form ("nifti" | "seg"), lesion (1 when the
-label map has any lesion voxel, else 0: the study-level binary label for stratification).
+label map has any lesion voxel, i.e. the patient has a lesion, else 0: the study-level
+binary label for stratification).
 `lesions.csv`, one row per lesion drawn: StudyInstanceUID, lesion_index, centre_x_mm,
 centre_y_mm, centre_z_mm (centre of mass in DICOM patient coordinates, LPS), diameter_mm
 (nominal), volume_ml (in the continuous phantom), label_voxels (its voxels in the label
-map; 0 for a lesion too small to show).
+map).
 
 **Determinism and label safety.** Everything is a function of the seed: the same seed
 writes byte-identical files whatever the number of worker processes. Each patient draws
@@ -116,7 +117,7 @@ LESION_COLUMNS = [
 class BrainCohortSpec:
     """What to synthesise. `lesion_count_p`: probabilities of 0, 1, 2, 3 lesions;
     `lesion_diameter_mm`: range of nominal diameters (log-uniform; at a coarse `scale`
-    raise the lower end, or small lesions fall below the voxel size and out of the labels);
+    small lesions are a voxel or two in the labels);
     `seg_fraction`: share of cases whose ground truth is a DICOM SEG (the rest NIfTI);
     `n_junk_files`: 0-3 non-image objects (a structured report, a text file, a truncated
     slice) as in the radiograph demo's export."""
