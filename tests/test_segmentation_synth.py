@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import SimpleITK as sitk
 
 from radflow.synth.export import GIVEN_NAMES, INSTITUTIONS, SURNAMES, uid
 from radflow.tasks.segmentation import brain_phantom as bp
@@ -200,6 +201,7 @@ def test_nifti_label_lies_on_dcm2niix_conversion_of_the_flair(cohort, series, tm
         flair = run_dcm2niix(flair_files, tmp_path / row.StudyInstanceUID)
         assert label.shape == flair.shape
         np.testing.assert_allclose(label.affine, flair.affine, atol=1e-4)
+        _assert_itk_sees_the_label_on_the_series(cohort / row.label_path, flair_files)
         values = np.asarray(label.dataobj)
         assert set(np.unique(values)) <= {0, 1, 2, 4}
         assert bool(values.any()) == bool(row.lesion)
@@ -209,6 +211,23 @@ def test_nifti_label_lies_on_dcm2niix_conversion_of_the_flair(cohort, series, tm
             assert image[values == 2].mean() > 1.3 * np.median(image[brain & (values == 0)])
             checked += 1
     assert checked >= 2
+
+
+def _assert_itk_sees_the_label_on_the_series(label_path, series_files):
+    """SimpleITK (LPS throughout) puts label voxel (i, j, k) where it puts the DICOM
+    series' column i, row rows-1-j (dcm2niix's flip) of slice k."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series_files[0].parent)))
+    series = reader.Execute()
+    label = sitk.ReadImage(str(label_path))
+    assert label.GetSize() == series.GetSize()
+    n_i, n_j, n_k = (n - 1 for n in series.GetSize())
+    for i, j, k in [(0, 0, 0), (n_i, 0, 0), (0, n_j, 0), (0, 0, n_k), (n_i, n_j, n_k)]:
+        np.testing.assert_allclose(
+            label.TransformIndexToPhysicalPoint((i, j, k)),
+            series.TransformIndexToPhysicalPoint((i, n_j - j, k)),
+            atol=1e-4,
+        )
 
 
 def _patient_index(study_uid: str) -> int:
