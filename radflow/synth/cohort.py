@@ -19,72 +19,33 @@ independently of the label, so the label can only be learnt from the pixels.
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from radflow.synth import phantom
+from radflow.synth.export import (
+    dataset_from,
+    map_jobs,
+    patient_identity,
+    random_relpath,
+    study_fields,
+    uid,
+    write_csv,
+    write_dataset,
+    write_junk,
+)
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
-BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
 POSITIVE = "nodule"
 NEGATIVE = "no finding"
 
-_SURNAMES = [
-    "Moreau",
-    "Okafor",
-    "Lindqvist",
-    "Tanaka",
-    "Novak",
-    "Garcia",
-    "Haddad",
-    "Kowalski",
-    "Nguyen",
-    "Fischer",
-    "Rossi",
-    "Silva",
-    "Dubois",
-    "Kaur",
-    "Jensen",
-    "Mensah",
-]
-_GIVEN = [
-    "Ana",
-    "Jonas",
-    "Mei",
-    "Kwame",
-    "Ines",
-    "Lars",
-    "Priya",
-    "Omar",
-    "Sofia",
-    "Tomasz",
-    "Yuki",
-    "Amara",
-    "Felix",
-    "Leila",
-    "Mateo",
-    "Zofia",
-]
-_INSTITUTIONS = [
-    "St. Elsewhere General Hospital",
-    "Riverside Imaging Centre",
-    "Northfield University Clinic",
-]
 _DEVICES = [
     ("DX", "Acme Medical", "Radiance DR-500"),
     ("DX", "Borealis Imaging", "PolarView 3"),
@@ -115,22 +76,6 @@ class _StudyPlan:
     patient_index: int
     study_index: int
     positive: bool
-
-
-def _uid(spec: CohortSpec, *parts: object) -> str:
-    return generate_uid(entropy_srcs=[str(spec.seed), *map(str, parts)])
-
-
-def _patient_identity(spec: CohortSpec, patient_index: int) -> dict:
-    rng = np.random.default_rng([spec.seed, patient_index, 7])
-    birth = dt.date(1940, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 60)))
-    return {
-        "PatientName": f"{rng.choice(_SURNAMES)}^{rng.choice(_GIVEN)}",
-        "PatientID": f"{rng.integers(0, 10**10):010d}",  # leading zeros are common in MRNs
-        "PatientBirthDate": birth.strftime("%Y%m%d"),
-        "PatientSex": str(rng.choice(["F", "M"])),
-        "InstitutionName": str(rng.choice(_INSTITUTIONS)),
-    }
 
 
 def plan_cohort(spec: CohortSpec) -> list[_StudyPlan]:
@@ -212,23 +157,15 @@ def _image_dataset(spec, plan, identity, acq, pixels, rng) -> tuple[Dataset, str
     """A DX/CR dataset holding `pixels` (uint16, MONOCHROME2 sense) with a random but
     label-independent choice of photometric interpretation, rescale and syntax."""
     modality, manufacturer, model = _DEVICES[int(rng.integers(len(_DEVICES)))]
-    study_date = dt.date(2015, 1, 1) + dt.timedelta(days=int(rng.integers(0, 3000)))
+    fields = study_fields(rng, plan.study_index, station_prefix="XR")
     ds = Dataset()
     sop_class = DX_STORAGE if modality == "DX" else CR_STORAGE
-    sop_uid = _uid(spec, "sop", plan.patient_index, plan.study_index)
     ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = _uid(spec, "study", plan.patient_index, plan.study_index)
-    ds.SeriesInstanceUID = _uid(spec, "series", plan.patient_index, plan.study_index)
-    ds.update(_dataset_from(identity))
-    ds.AccessionNumber = f"ACC{int(rng.integers(10**6, 10**7))}{plan.study_index}"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = f"{int(rng.integers(7, 19)):02d}1530"
-    ds.StudyID = str(int(rng.integers(1, 99999)))
-    ds.ReferringPhysicianName = f"Dr^{rng.choice(_SURNAMES)}"
-    ds.OperatorsName = f"{rng.choice(_SURNAMES)}^{rng.choice(_GIVEN)}"
-    ds.StationName = f"XR{int(rng.integers(1, 9))}"
-    ds.DeviceSerialNumber = f"SN{int(rng.integers(10**5, 10**6))}"
+    ds.SOPInstanceUID = uid(spec.seed, "sop", plan.patient_index, plan.study_index)
+    ds.StudyInstanceUID = uid(spec.seed, "study", plan.patient_index, plan.study_index)
+    ds.SeriesInstanceUID = uid(spec.seed, "series", plan.patient_index, plan.study_index)
+    ds.update(dataset_from(identity))
+    ds.update(dataset_from(fields))
     ds.Modality = modality
     ds.Manufacturer = manufacturer
     ds.ManufacturerModelName = model
@@ -274,42 +211,6 @@ def _image_dataset(spec, plan, identity, acq, pixels, rng) -> tuple[Dataset, str
     return ds, syntax
 
 
-def _dataset_from(fields: dict) -> Dataset:
-    ds = Dataset()
-    for keyword, value in fields.items():
-        setattr(ds, keyword, value)
-    return ds
-
-
-def _file_meta(ds: Dataset, syntax: str) -> FileMetaDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = syntax
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    return meta
-
-
-def _random_relpath(rng: np.random.Generator) -> Path:
-    depth = int(rng.integers(1, 4))
-    parts = [f"{rng.integers(16**4):04X}" for _ in range(depth)]
-    name = f"IM{rng.integers(16**8):08x}"
-    if rng.random() < 0.5:
-        name += ".dcm"
-    return Path(*parts, name)
-
-
-def _write(ds: Dataset, syntax: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.file_meta = _file_meta(ds, syntax)
-    ds.save_as(
-        path,
-        implicit_vr=syntax == ImplicitVRLittleEndian,
-        little_endian=True,
-        enforce_file_format=True,
-    )
-
-
 def _synthesize_study(args: tuple[CohortSpec, _StudyPlan, str]) -> dict:
     spec, plan, dicom_dir = args
     anatomy = phantom.sample_anatomy(np.random.default_rng([spec.seed, plan.patient_index, 1]))
@@ -319,11 +220,11 @@ def _synthesize_study(args: tuple[CohortSpec, _StudyPlan, str]) -> dict:
     nodule_rng = np.random.default_rng([spec.seed, plan.patient_index, 3])
     nodules = _sample_nodules(spec, anatomy, acq, nodule_rng) if plan.positive else []
     pixels, marks = phantom.render(anatomy, acq, nodules, rng)
-    identity = _patient_identity(spec, plan.patient_index)
+    identity = patient_identity(spec.seed, plan.patient_index)
     header_rng = np.random.default_rng([spec.seed, plan.patient_index, plan.study_index, 4])
     ds, syntax = _image_dataset(spec, plan, identity, acq, pixels, header_rng)
-    relpath = _random_relpath(header_rng)
-    _write(ds, syntax, Path(dicom_dir) / relpath)
+    relpath = random_relpath(header_rng)
+    write_dataset(ds, syntax, Path(dicom_dir) / relpath)
     return {
         "accession": str(ds.AccessionNumber),
         "positive": plan.positive,
@@ -331,33 +232,6 @@ def _synthesize_study(args: tuple[CohortSpec, _StudyPlan, str]) -> dict:
         "identity": identity,
         "study_uid": str(ds.StudyInstanceUID),
     }
-
-
-def _write_junk(spec: CohortSpec, dicom_dir: Path, first_study: dict) -> None:
-    """Objects a real export contains besides images: a structured report (non-image
-    DICOM), a stray text file and a truncated DICOM file."""
-    rng = np.random.default_rng([spec.seed, 99])
-    if spec.n_junk_files < 1:
-        return
-    sr = Dataset()
-    sr.SOPClassUID = BASIC_TEXT_SR
-    sr.SOPInstanceUID = _uid(spec, "sr")
-    sr.StudyInstanceUID = first_study["study_uid"]
-    sr.SeriesInstanceUID = _uid(spec, "sr-series")
-    sr.Modality = "SR"
-    sr.update(_dataset_from(first_study["identity"]))
-    sr.AccessionNumber = first_study["accession"]
-    sr.ValueType = "CONTAINER"
-    _write(sr, ExplicitVRLittleEndian, dicom_dir / _random_relpath(rng))
-    if spec.n_junk_files < 2:
-        return
-    (dicom_dir / "EXPORT_NOTES.txt").write_text("Exported by the PACS. Not a DICOM file.\n")
-    if spec.n_junk_files < 3:
-        return
-    # one study's file cut short mid-pixel-data, as an interrupted transfer leaves it:
-    # its header still reads, so the index keeps it and conversion must fail cleanly
-    victim = next(p for p in sorted(dicom_dir.rglob("IM*")) if p.stat().st_size > 100_000)
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
 
 
 def synthesize_cohort(
@@ -382,20 +256,15 @@ def synthesize_cohort(
     dicom_dir.mkdir(parents=True, exist_ok=True)
     plans = plan_cohort(spec)
     jobs = [(spec, plan, str(dicom_dir)) for plan in plans]
-    if threads > 1:
-        with ProcessPoolExecutor(max_workers=threads) as pool:
-            results = pool.map(_synthesize_study, jobs, chunksize=4)
-            studies = list(_progress(results, len(jobs), progress))
-    else:
-        studies = list(_progress(map(_synthesize_study, jobs), len(jobs), progress))
-    _write_junk(spec, dicom_dir, studies[0])
+    studies = map_jobs(_synthesize_study, jobs, workers=threads, chunksize=4, progress=progress)
+    write_junk(spec.seed, dicom_dir, studies[0], spec.n_junk_files)
     by_accession = sorted(studies, key=lambda s: s["accession"])
-    _write_csv(
+    write_csv(
         labels_path,
         ["AccessionNumber", "finding"],
         [[s["accession"], POSITIVE if s["positive"] else NEGATIVE] for s in by_accession],
     )
-    _write_csv(
+    write_csv(
         lesions_path,
         ["AccessionNumber", "row_px", "col_px", "diameter_mm"],
         [[s["accession"], *lesion] for s in by_accession for lesion in s["lesions"]],
@@ -407,19 +276,3 @@ def synthesize_cohort(
         "positive_studies": n_pos,
         "junk_files": spec.n_junk_files,
     }
-
-
-def _write_csv(path: str | os.PathLike, header: list[str], rows: list[list]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def _progress(iterable, total: int, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc="synthesize", unit="study", mininterval=2)
