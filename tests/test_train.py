@@ -190,6 +190,8 @@ def test_batch_of_one_check_is_a_dry_run():
     assert _batch_of_one_trains(flat, (1, 64, 64, 64))  # 2 x 2 x 2: trains
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(state[k], v) for k, v in flat.state_dict().items())
+
+
 def test_the_gradient_recorder_changes_nothing_in_training(tmp_path):
     """The ablation's recorder only reads: weights and history come out identical, and
     it sees every step and every weighted layer at its three snapshots."""
