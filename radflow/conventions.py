@@ -143,6 +143,7 @@ def shard_name(shard: int) -> str:
 
 
 # ------------------------------------------------------------------- file names
+NIFTI_DIR = "nifti"  # results/nifti/<shard>/: convert's output, beside results/preprocessed/
 NIFTI_SUFFIX = ".nii.gz"
 SIDECAR_SUFFIX = ".json"
 MASK_SUFFIX = "_mask.nii.gz"  # convert: a case's label map, on its image's grid

@@ -129,8 +129,12 @@ class VolumeStore:
 
         return parse_label_voxels(self._rows[series_pid]["label_voxels"])
 
+    def shard_dir(self, series_pid: str) -> Path:
+        """The preprocessed shard folder holding the case."""
+        return Path(self._rows[series_pid]["_dir"])
+
     def _path(self, series_pid: str, suffix: str) -> Path:
-        return Path(self._rows[series_pid]["_dir"]) / f"{series_pid}{suffix}"
+        return self.shard_dir(series_pid) / f"{series_pid}{suffix}"
 
 
 class BatchIterator:

@@ -10,11 +10,11 @@ runs the model over the cases and hands the outputs to the task, which tabulates
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
+
 import pandas as pd
 
 from radflow import conventions as C
-from radflow.data import PreprocessedStore
 from radflow.inference import load_model, predict_logits, resolve_device
 from radflow.split import fold_members
 from radflow.tables import read_tsv
@@ -29,44 +29,50 @@ def predict_fold(
     *,
     task_name: str,
     task_modules=(),
+    task_options=None,
     device: str = "auto",
     batch_size: int = 64,
     threads: int = 1,
     calibration: str = "none",
     out_path,
+    out_dir=None,
 ) -> pd.DataFrame:
     """Write the fold model's predictions of its validation fold and the test set, and
     return them as the task's prediction table (after calibration).
 
     The cases given to the task: series_pid, patient_pid, label, fold, split ("val" for
     the fold's validation cases, "test" for held-out ones). `task_name`/`task_modules`:
-    config `task`/`task_modules`; `calibration`: config `evaluate.calibration`.
+    config `task`/`task_modules`, `task_options` the task's settings; `calibration`:
+    config `evaluate.calibration`; `out_dir`: the fold's folder for the files a task
+    with `prediction_files` writes (masks).
     """
     import torch
 
     torch.set_num_threads(max(1, threads))
-    task = get_task(task_name, modules=task_modules)
-    store = PreprocessedStore(preprocessed_dirs)
+    task = get_task(task_name, modules=task_modules, options=task_options)
+    store = task.open_store(preprocessed_dirs)
     folds = read_tsv(folds_table)
     folds = folds[folds[C.SERIES_PID].map(store.__contains__)]
     _, val_rows, test_rows = fold_members(folds, fold)
     torch_device = resolve_device(device)
+    in_channels, spatial_dims = task.model_inputs(store)
     model, _ = load_model(
-        model_path,
-        task,
-        in_channels=store.case_shape[0],
-        spatial_dims=len(store.case_shape) - 1,
-        device=torch_device,
+        model_path, task, in_channels=in_channels, spatial_dims=spatial_dims, device=torch_device
     )
-    cases, outputs = [], []
+    cases = []
     for split, rows in ((C.SPLIT_VAL, val_rows), (C.SPLIT_TEST, test_rows)):
-        outputs.append(case_outputs(task, model, store, rows, torch_device, batch_size))
         frame = rows[[C.SERIES_PID, C.PATIENT_PID, C.LABEL]].copy()
         frame[C.FOLD] = fold
         frame[C.SPLIT] = split
         cases.append(frame)
-    predictions = task.prediction_table(
-        pd.concat(cases, ignore_index=True), np.concatenate([o.numpy() for o in outputs])
+    predictions = task.predict_cases(
+        model,
+        store,
+        pd.concat(cases, ignore_index=True),
+        device=torch_device,
+        batch_size=batch_size,
+        out_dir=Path(out_dir) if out_dir is not None else None,
+        threads=threads,
     )
     predictions = task.calibrate(predictions, calibration)
     task.write_predictions(predictions, out_path)
@@ -74,7 +80,7 @@ def predict_fold(
     return predictions
 
 
-def case_outputs(task, model, store: PreprocessedStore, rows: pd.DataFrame, device, batch_size):
+def case_outputs(task, model, store, rows: pd.DataFrame, device, batch_size):
     """The task's per-case outputs (a CPU tensor, first axis the case) of `model` for
     the split-table `rows`, their images gathered from `store`."""
     images = store.gather(list(rows[C.SERIES_PID]))

@@ -309,6 +309,7 @@ def run_fold(
     *,
     task_name: str,
     task_modules=(),
+    task_options=None,
     settings: TrainSettings,
     threads: int,
     model_path,
@@ -318,20 +319,19 @@ def run_fold(
     """The train stage for one fold: fit on the other dev folds, select on this one.
 
     `task_name` and `task_modules` name the study's task (config `task`, `task_modules`;
-    see `radflow.tasks.get_task`). `recorder`: as for `train_model` (the ablation's).
+    see `radflow.tasks.get_task`), `task_options` its settings (`task_options`). `recorder`: as for `train_model` (the ablation's).
 
     Inputs: the preprocess shard folders and the split table. Outputs: the best
     checkpoint at `model_path` and the per-epoch history table at `history_path`, both
     written atomically, the checkpoint only when training has finished.
     """
     from radflow import conventions as C
-    from radflow.data import PreprocessedStore
     from radflow.runlog import progress
     from radflow.split import fold_members
     from radflow.tasks import get_task
 
-    task = get_task(task_name, modules=task_modules, train=settings)
-    store = PreprocessedStore(preprocessed_dirs)
+    task = get_task(task_name, modules=task_modules, train=settings, options=task_options)
+    store = task.open_store(preprocessed_dirs)
     folds = read_tsv(folds_table)
     available = folds[folds[C.SERIES_PID].map(store.__contains__)]
     if len(available) < len(folds):
@@ -345,14 +345,13 @@ def run_fold(
             f"fold {fold} has {len(train_rows)} training and {len(val_rows)} "
             "validation cases; check split.n_folds against the cohort size"
         )
-    # gathered into RAM once (float16): batches then cost one fancy-index copy each
-    train_images = store.gather(list(train_rows[C.SERIES_PID]))
-    val_images = store.gather(list(val_rows[C.SERIES_PID]))
+    data = task.training_data(store, train_rows, val_rows, settings)
     device = resolve_device(settings.device)
+    labelled = lambda rows: (rows[C.LABEL] == 1).sum()  # noqa: E731
     print(
         f"fold {fold}: {len(train_rows)} training cases "
-        f"({int(train_rows[C.LABEL].sum())} positive), {len(val_rows)} validation cases "
-        f"({int(val_rows[C.LABEL].sum())} positive); device {device}, {threads} threads; "
+        f"({labelled(train_rows)} positive), {len(val_rows)} validation cases "
+        f"({labelled(val_rows)} positive); device {device}, {threads} threads; "
         f"model {task.name} depth {settings.model.depth} "
         f"width {settings.model.base_width}" + ("" if settings.model.residual else " (plain)")
     )
@@ -360,12 +359,9 @@ def run_fold(
     # `model_path` only once training has finished: a job killed mid-training leaves no
     # model.pt that looks like a finished fold (the rerun starts the fold afresh).
     staging_path = Path(model_path).with_name(f".{Path(model_path).name}.in-progress")
-    history = train_model(
+    history = fit(
         task,
-        train_images,
-        train_rows[C.LABEL].to_numpy(),
-        val_images,
-        val_rows[C.LABEL].to_numpy(),
+        data,
         settings,
         threads=threads,
         checkpoint_path=staging_path,

@@ -20,10 +20,15 @@ from radflow.images import (
 from radflow.labels import mask_files
 from radflow.split import OFFICIAL_SPLIT_TABLE, official_fold_count
 from radflow.ablation import JOB_FILES, ablation_folds, job_name
-from radflow.tasks import get_task
+from radflow.tasks import get_task, task_options
 
 # The study's task (radflow/tasks/): the rules after training take their outputs from it.
 TASK = get_task(config["task"], modules=config["task_modules"])
+# The task's own config section (Task.options_key, e.g. segmentation:), a parameter of
+# every rule that builds the task; a task without one adds no parameter.
+TASK_OPTIONS = task_options(config)
+TASK_PARAMS = {"task_options": TASK_OPTIONS} if TASK_OPTIONS else {}
+TASK = get_task(config["task"], modules=config["task_modules"], options=TASK_OPTIONS)
 check_config(config, TASK)
 
 RESULTS = "results"
@@ -218,6 +223,26 @@ def get_preprocess_plan(wildcards):
     if INDEX_IS_CHECKPOINT:
         checkpoints.preprocess_plan.get()
     return PREPROCESS_PLAN
+
+
+# A fold's own prediction files (Task.prediction_files): results/predict/fold<k>/
+PREDICTION_FILES = f"{RESULTS}/predict/fold{{fold}}"
+
+
+def get_nifti_for_prediction():
+    """The converted images, where predictions are restored onto their grids (the
+    volumes layout); nothing for the grid layout."""
+    if PREPROCESSED_LAYOUT != C.LAYOUT_VOLUMES:
+        return []
+    return expand(f"{RESULTS}/nifti/{{shard}}", shard=SHARDS)
+
+
+def get_prediction_files(wildcards=None):
+    """Every fold's prediction files (for the evaluation and figures), if the task
+    writes any."""
+    if not TASK.prediction_files:
+        return []
+    return expand(PREDICTION_FILES, fold=FOLDS)
 
 
 def get_preprocessed(wildcards=None):

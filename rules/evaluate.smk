@@ -2,6 +2,7 @@ rule evaluate:
     input:
         predictions=expand(f"{RESULTS}/predict/fold{{fold}}.tsv", fold=FOLDS),
         series=get_series_table,  # re-planned after the index (rules/common.smk)
+        prediction_files=get_prediction_files(),
     output:
         **task_files(EVALUATE, TASK.evaluation_files()),
     log:
@@ -12,6 +13,7 @@ rule evaluate:
     resources:
         **get_resources("evaluate"),
     params:
+        **TASK_PARAMS,
         task=config["task"],
         evaluate=config["evaluate"],
     script:

@@ -3,6 +3,7 @@ rule figures:
         evaluation=get_evaluation_files(),
         histories=expand(f"{RESULTS}/train/fold{{fold}}/history.tsv", fold=FOLDS),
         series=get_series_table,  # re-planned after the index (rules/common.smk)
+        prediction_files=get_prediction_files(),
     output:
         **task_files(FIGURES, TASK.figure_files()),
         training_curves=report(
@@ -19,6 +20,7 @@ rule figures:
     resources:
         **get_resources("figures"),
     params:
+        **TASK_PARAMS,
         task=config["task"],
         monitor_label=TASK.monitor_label,  # named by the training curves' caption
     script:

@@ -17,6 +17,7 @@ rule train:
         **get_resources("train"),
         gpu=1,
     params:
+        **TASK_PARAMS,
         task=config["task"],
         model=config["model"],
         train=config["train"],

@@ -17,9 +17,11 @@ with log_to(snakemake.log[0]):
         int(snakemake.wildcards.fold),
         task_name=snakemake.params.task,
         task_modules=snakemake.config["task_modules"],
+        task_options=snakemake.params.get("task_options"),
         device=snakemake.params.device,
         batch_size=snakemake.params.batch_size,
         threads=snakemake.threads,
         calibration=snakemake.params.calibration,
         out_path=snakemake.output[0],
+        out_dir=snakemake.output.get("files"),
     )

@@ -16,6 +16,7 @@ with log_to(snakemake.log[0]):
         int(snakemake.wildcards.fold),
         task_name=snakemake.params.task,
         task_modules=snakemake.config["task_modules"],
+        task_options=snakemake.params.get("task_options"),
         settings=TrainSettings.from_config(
             snakemake.params.train, snakemake.params.model, snakemake.params.seed
         ),

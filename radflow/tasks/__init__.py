@@ -34,7 +34,15 @@ from radflow.config import ConfigError
 from radflow.tasks.base import StageFile, Task
 from radflow.tasks.classification import BinaryClassification
 
-__all__ = ["TASKS", "StageFile", "Task", "get_task", "import_task_modules", "register"]
+__all__ = [
+    "TASKS",
+    "StageFile",
+    "Task",
+    "get_task",
+    "import_task_modules",
+    "register",
+    "task_options",
+]
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -99,17 +107,30 @@ def _import_file(path: Path) -> None:
         raise
 
 
-def get_task(name: str, *, modules: Iterable[str | os.PathLike] = (), train=None) -> Task:
+def get_task(
+    name: str, *, modules: Iterable[str | os.PathLike] = (), train=None, options=None
+) -> Task:
     """The task registered under `name` (config `task`), after importing `modules`
     (config `task_modules`). `train`: the `radflow.train.TrainSettings` when training
-    (the loss may read options from them), else None."""
+    (the loss may read options from them), else None. `options`: the config section
+    the task names (`Task.options_key`; `task_options` below), given to it as is."""
     import_task_modules(modules)
     if name not in TASKS:
         raise ConfigError(
             f"config key 'task' must be one of {sorted(TASKS)}, got {name!r} (a task of "
             "your own: list the module that registers it in config key 'task_modules')"
         )
-    return TASKS[name](train)
+    if options is None:
+        return TASKS[name](train)
+    return TASKS[name](train, options)
+
+
+def task_options(config: dict) -> dict:
+    """The config section of the study's task's own settings (`Task.options_key`, e.g.
+    `segmentation:`), {} where it has none; the stages pass it on to `get_task`."""
+    task = TASKS.get(config["task"])
+    key = getattr(task, "options_key", None)
+    return dict(config.get(key) or {}) if key else {}
 
 
 register(BinaryClassification)

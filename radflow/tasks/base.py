@@ -98,12 +98,69 @@ class Task(ABC):
     #: spacing, reoriented and cropped to its foreground, with its mask
     #: (radflow.volumes, radflow.data.VolumeStore). The workflow picks its rules by it.
     preprocessed_layout: ClassVar[str] = "grid"
+    #: Whether `predict_cases` writes files of its own (e.g. masks) into the fold's
+    #: folder results/predict/fold<k>/, which the predict rule then declares.
+    prediction_files: ClassVar[bool] = False
+    #: The config section of the task's own settings (e.g. "segmentation"), handed to
+    #: the task as `options` by every stage; None: the task has none.
+    options_key: ClassVar[str | None] = None
 
-    def __init__(self, train: TrainSettings | None = None):
+    def __init__(self, train: TrainSettings | None = None, options: Mapping | None = None):
         """`train`: the training settings (config `train:`, `model:`, `seed`) during
         training, for options of the loss (classification: label_smoothing); None in
-        the stages that do not train."""
+        the stages that do not train. `options`: config section `options_key`, with the
+        schema's defaults (None where the task has none)."""
         self.train = train
+        self.options = dict(options or {})
+
+    # ------------------------------------------------------------------- cases
+    def open_store(self, preprocessed_dirs: Sequence[str | os.PathLike]):
+        """The preprocessed cases of the study's layout: `radflow.data.PreprocessedStore`
+        (grid) or `radflow.data.VolumeStore` (volumes); both answer `pid in store`."""
+        from radflow.data import PreprocessedStore, VolumeStore
+
+        if self.preprocessed_layout == "volumes":
+            return VolumeStore(preprocessed_dirs)
+        return PreprocessedStore(preprocessed_dirs)
+
+    def model_inputs(self, store) -> tuple[int, int]:
+        """(in_channels, spatial_dims) of the network for the cases of `store`."""
+        if self.preprocessed_layout == "volumes":
+            image = store.image(store.cases[0])
+            return image.shape[0], image.ndim - 1
+        return store.case_shape[0], len(store.case_shape) - 1
+
+    def training_data(self, store, train_rows: pd.DataFrame, val_rows: pd.DataFrame,
+                      settings: TrainSettings):  # fmt: skip
+        """The data object `radflow.train.fit` trains from (see its docstring): by
+        default every case of the grid layout in RAM (`radflow.train.ArrayData`), the
+        split table's label as the target. A task of the volumes layout supplies its
+        own (segmentation: patches)."""
+        from radflow import conventions as C
+        from radflow.train import ArrayData
+
+        # gathered into RAM once (float16): batches then cost one fancy-index copy each
+        return ArrayData(
+            store.gather(list(train_rows[C.SERIES_PID])),
+            train_rows[C.LABEL].to_numpy(),
+            store.gather(list(val_rows[C.SERIES_PID])),
+            val_rows[C.LABEL].to_numpy(),
+            settings,
+        )
+
+    def predict_cases(self, model: nn.Module, store, cases: pd.DataFrame, *,
+                      device: torch.device, batch_size: int, out_dir: Path,
+                      threads: int = 1) -> pd.DataFrame:  # fmt: skip
+        """One fold model's `prediction_table` of `cases` (see the module docstring).
+        The default runs the model over the cases' images in batches and hands the
+        `outputs` to `prediction_table`; a task whose outputs are images predicts its
+        own way and writes them into `out_dir` (declared where `prediction_files`)."""
+        from radflow import conventions as C
+        from radflow.inference import predict_logits
+
+        images = store.gather(list(cases[C.SERIES_PID]))
+        outputs = self.outputs(predict_logits(model, images, device, batch_size))
+        return self.prediction_table(cases, outputs.numpy())
 
     # ------------------------------------------------------------------ training
     @abstractmethod

@@ -50,8 +50,8 @@ class BinaryClassification(Task):
     monitor_axis = "AUROC (fraction)"
     calibration_methods = ("platt", "none")
 
-    def __init__(self, train=None):
-        super().__init__(train)
+    def __init__(self, train=None, options=None):
+        super().__init__(train, options)
         self.label_smoothing = train.label_smoothing if train is not None else 0.0
 
     # ------------------------------------------------------------------ training
