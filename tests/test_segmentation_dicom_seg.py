@@ -23,7 +23,9 @@ from nibabel import orientations as ornt_lib
 
 from radflow import conventions as C
 from radflow.dicom.convert import convert_unit
+from radflow.geometry import canonical_spacing_mm, restore_native, write_label_nifti
 from radflow.tasks.segmentation.dicom_seg import labels_on_source_frames, write_prediction_seg
+from radflow.volumes import VolumeSettings, preprocess_volume
 
 from dicom_factory import (
     BIRTH_DATE,
@@ -87,6 +89,15 @@ def _write(series, tmp_path, labels=None, **kwargs) -> tuple[Path, np.ndarray]:
     return out, labels
 
 
+def _labels_read_back(seg: hd.seg.Segmentation, uids) -> np.ndarray:
+    """The SEG's label maps (label values of SEGMENTS, by segment label) on the source
+    instances `uids`, as highdicom matches frames to instances."""
+    value_of = {name: value for value, name in SEGMENTS.items()}
+    numbers = sorted(seg.SegmentSequence, key=lambda s: int(s.SegmentNumber))
+    lookup = np.array([0, *[value_of[s.SegmentLabel] for s in numbers]])
+    return lookup[seg.get_pixels_by_source_instance(uids, combine_segments=True, relabel=False)]
+
+
 def test_frames_reference_their_source_instances_and_hold_its_labels(series, tmp_path):
     paths, _, _, _ = series
     out, _ = _write(series, tmp_path)
@@ -115,10 +126,8 @@ def test_frames_reference_their_source_instances_and_hold_its_labels(series, tmp
     assert not any(uid for uid, _ in seen if not expected[uid].any())
     # and highdicom, matching frames to instances itself, reads the same label maps back
     uids = list(sources)
-    planes = seg.get_pixels_by_source_instance(uids, combine_segments=True, relabel=False)
-    lookup = np.array([0, *[value_of[n] for n in sorted(value_of)]])
-    for uid, plane in zip(uids, planes, strict=True):
-        np.testing.assert_array_equal(lookup[plane], expected[uid])
+    read_back = _labels_read_back(seg, uids)
+    np.testing.assert_array_equal(read_back, np.stack([expected[uid] for uid in uids]))
 
 
 def test_seg_geometry_is_the_source_geometry(series, tmp_path):
@@ -204,3 +213,25 @@ def test_sampling_goes_through_world_coordinates_not_array_axes(series):
     shifted = image.affine.copy()
     shifted[:3, 3] += 1000.0
     assert not labels_on_source_frames(labels, shifted, datasets).any()
+
+
+def test_prediction_restored_from_preprocessed_space_becomes_the_expected_seg(series, tmp_path):
+    """The workflow's route: the label map preprocessed (reoriented, cropped, at native
+    spacing) as a prediction would be, restored (restore_native), written as the prediction
+    NIfTI (write_label_nifti: exactly the converted image's affine and shape), read back
+    and written as a SEG whose frames are the labels of their source instances."""
+    paths, image, _, _ = series
+    labels = _label_of_values(np.asarray(image.dataobj))
+    case = preprocess_volume(np.asarray(image.dataobj), image.affine, "MR",
+                             canonical_spacing_mm(image.affine),
+                             VolumeSettings(dtype="float32"), labels)  # fmt: skip
+    restored = restore_native(case.mask, case.geometry)
+    written = nib.load(write_label_nifti(tmp_path / "pred.nii.gz", restored, case.geometry))
+    assert written.shape == image.shape
+    np.testing.assert_array_equal(written.affine, image.affine)
+    out, _ = _write(series, tmp_path, labels=np.asarray(written.dataobj))
+    uids, expected = [], []
+    for ds in map(pydicom.dcmread, paths):
+        uids.append(str(ds.SOPInstanceUID))
+        expected.append(_label_of_values(ds.pixel_array))
+    np.testing.assert_array_equal(_labels_read_back(hd.seg.segread(out), uids), np.stack(expected))
