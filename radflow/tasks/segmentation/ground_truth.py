@@ -50,6 +50,20 @@ def write_label_nifti(path: Path, label: np.ndarray, geometry: SliceGeometry) ->
     write_nifti(path, np.ascontiguousarray(label[:, ::-1, :]), dcm2niix_grid(geometry))
 
 
+def reproducible_seg(*, date: str, time: str, dimension_uid: str, **kwargs) -> hd.seg.Segmentation:
+    """`hd.seg.Segmentation(**kwargs)` stamped with `date` and `time` (content, instance
+    creation, contribution) and `dimension_uid` in place of what highdicom takes from the
+    clock and a random UID: equal arguments give equal bytes."""
+    seg = hd.seg.Segmentation(content_date=date, content_time=time, **kwargs)
+    seg.InstanceCreationDate, seg.InstanceCreationTime = date, time
+    for item in seg.ContributingEquipmentSequence:
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = date + time
+    for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
+        item.DimensionOrganizationUID = dimension_uid
+    return seg
+
+
 def write_label_seg(
     path: Path,
     label: np.ndarray,
@@ -80,7 +94,10 @@ def write_label_seg(
             zip(SEGMENT_NAMES, _SEGMENT_TYPES, strict=True), start=1
         )
     ]
-    seg = hd.seg.Segmentation(
+    seg = reproducible_seg(
+        date=date,
+        time=time,
+        dimension_uid=dimension_uid,
         source_images=list(reference),
         pixel_array=segment_numbers,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -93,18 +110,10 @@ def write_label_seg(
         manufacturer_model_name="synthetic annotation",
         software_versions=radflow_version(),
         device_serial_number="0",
-        content_date=date,
-        content_time=time,
         content_label="LESIONS",
         content_description="lesion zones (BraTS)",
         series_description="lesion segmentation",
         omit_empty_frames=bool(label.any()),
     )
-    seg.InstanceCreationDate, seg.InstanceCreationTime = date, time
-    for item in seg.ContributingEquipmentSequence:
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = date + time
-    for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
-        item.DimensionOrganizationUID = dimension_uid
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path, enforce_file_format=True)
