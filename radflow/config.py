@@ -166,7 +166,21 @@ def check_config(config: dict, task=None) -> None:
             f"split.table: file {split_table!r} does not exist (relative paths start from the "
             f"working directory {Path.cwd()}); point it at your split table or remove it"
         )
-    if synthetic and not data.get("annotations_table"):
+    brain = synthetic and synth.get("cohort") == "brain_mri"
+    if brain:
+        root = Path(data.get("dicom_root") or "")
+        if root.name != "dicom":
+            problems.append(
+                f"data.dicom_root: the brain_mri cohort writes its DICOM to a folder named "
+                f"'dicom' (its masks beside it); got {str(root)!r}, use e.g. data/demo-seg/dicom"
+            )
+        expected = root.parent / "labels.csv"
+        if Path(data.get("masks_table") or "") != expected:
+            problems.append(
+                f"data.masks_table: the brain_mri cohort writes its masks table to "
+                f"{str(expected)!r}; set data.masks_table to it"
+            )
+    if synthetic and not brain and not data.get("annotations_table"):
         problems.append(
             "data.annotations_table: synthesize.enabled writes the lesion ground truth there; "
             "set a path such as data/demo/lesions.csv"

@@ -4,7 +4,8 @@ The unit of splitting is the patient: all image units of a patient land in the s
 split and fold, so no model is ever validated or tested on a patient it trained on
 (several studies of one patient are far more alike than two patients are). Patients
 are stratified by their patient-level label (positive if any of their units is), so
-every fold and the test set keep the cohort's prevalence.
+every fold and the test set keep the cohort's prevalence. Units without a label (-1, a
+segmentation study with masks and no labels table) form one stratum of their own.
 
 Determinism: patients are sorted by pseudonym and then permuted by a seeded generator,
 so the split depends only on (set of patients, labels, seed, n_folds, test_fraction),
@@ -65,6 +66,14 @@ def split_patients(
 
 
 def _check_folds(assignment: pd.DataFrame, n_folds: int) -> None:
+    if not set(assignment[C.LABEL]) <= {0, 1}:
+        # unlabelled units (-1: a segmentation study without a labels table) are one
+        # stratum; every fold needs patients, not classes
+        sizes = assignment[assignment[C.SPLIT] == C.SPLIT_DEV].groupby(C.FOLD)[C.PATIENT_PID]
+        if sizes.nunique().reindex(range(n_folds), fill_value=0).min() < 1:
+            raise ValueError(f"{assignment[C.PATIENT_PID].nunique()} patients are too few "
+                             f"for {n_folds} folds; lower split.n_folds or add patients")  # fmt: skip
+        return
     dev = assignment[assignment[C.SPLIT] == C.SPLIT_DEV]
     for fold in range(n_folds):
         labels = set(dev.loc[dev[C.FOLD] == fold, C.LABEL])

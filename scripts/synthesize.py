@@ -1,4 +1,4 @@
-"""Snakemake entry: write the synthetic demo cohort."""
+"""Snakemake entry: write the synthetic demo cohort (config synthesize.cohort)."""
 
 import sys
 from pathlib import Path
@@ -7,15 +7,34 @@ snakemake = globals()["snakemake"]
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this workflow's radflow
 
 from radflow.runlog import log_to
-from radflow.synth.cohort import CohortSpec, synthesize_cohort
 
 with log_to(snakemake.log[0]):
-    cohort = {k: v for k, v in snakemake.params.cohort.items() if k != "enabled"}
-    counts = synthesize_cohort(
-        snakemake.output.dicom,
-        snakemake.output.labels,
-        snakemake.output.lesions,
-        CohortSpec(**cohort),
-        threads=snakemake.threads,
-    )
-    print(f"synthesized {counts}")
+    settings = dict(snakemake.params.cohort)
+    if settings["cohort"] == "brain_mri":
+        from radflow.tasks.segmentation.synth import synthesize_brain_cohort
+
+        brain = settings["brain"]
+        paths = synthesize_brain_cohort(
+            Path(snakemake.output.dicom).parent,
+            settings["n_patients"],
+            settings["seed"],
+            workers=snakemake.threads,
+            progress=True,
+            scale=brain["scale"],
+            lesion_diameter_mm=tuple(brain["lesion_diameter_mm"]),
+            seg_fraction=brain["seg_fraction"],
+            n_junk_files=brain["n_junk_files"],
+        )
+        print(f"synthesized {settings['n_patients']} brain MR studies")
+    else:
+        from radflow.synth.cohort import CohortSpec, synthesize_cohort
+
+        cohort = {k: v for k, v in settings.items() if k not in ("enabled", "cohort", "brain")}
+        counts = synthesize_cohort(
+            snakemake.output.dicom,
+            snakemake.output.labels,
+            snakemake.output.lesions,
+            CohortSpec(**cohort),
+            threads=snakemake.threads,
+        )
+        print(f"synthesized {counts}")

@@ -158,8 +158,8 @@ def evaluate_segmentation(predictions: pd.DataFrame, settings, *, n_boot: int, a
 
     dice, hd95 = stat("dice"), stat("hd95_mm")
     out_dir = Path(out_dir)
-    write_tsv(per_case, out_dir / T.EVAL_PER_CASE, float_format="%.6g")
-    write_tsv(summary, out_dir / T.EVAL_SUMMARY, float_format="%.6g")
+    write_tsv(per_case, out_dir / T.EVAL_PER_CASE)
+    write_tsv(summary, out_dir / T.EVAL_SUMMARY)
     document = {
         "headline": {"set": kind, "region": region, "dice": dice, "hd95_mm": hd95},
         "alpha": alpha,
