@@ -36,6 +36,9 @@ def predict_fold(
     calibration: str = "none",
     out_path,
     out_dir=None,
+    shard_tables=(),
+    dicom_root=None,
+    private_dir=None,
 ) -> pd.DataFrame:
     """Write the fold model's predictions of its validation fold and the test set, and
     return them as the task's prediction table (after calibration).
@@ -44,7 +47,9 @@ def predict_fold(
     the fold's validation cases, "test" for held-out ones). `task_name`/`task_modules`:
     config `task`/`task_modules`, `task_options` the task's settings; `calibration`:
     config `evaluate.calibration`; `out_dir`: the fold's folder for the files a task
-    with `prediction_files` writes (masks).
+    with `prediction_files` writes (masks); `shard_tables`, `dicom_root`: the index's
+    private file lists and the DICOM root, from which each case's source series is found
+    for outputs written into `private_dir` (DICOM SEG).
     """
     import torch
 
@@ -73,11 +78,24 @@ def predict_fold(
         batch_size=batch_size,
         out_dir=Path(out_dir) if out_dir is not None else None,
         threads=threads,
+        **_sources(shard_tables, dicom_root, private_dir),
     )
     predictions = task.calibrate(predictions, calibration)
     task.write_predictions(predictions, out_path)
     print(f"fold {fold}: predicted {len(val_rows)} validation and {len(test_rows)} test cases")
     return predictions
+
+
+def _sources(shard_tables, dicom_root, private_dir) -> dict:
+    """predict_cases' source_files and private_dir, where the stage has them."""
+    if not shard_tables or not dicom_root or private_dir is None:
+        return {}
+    from radflow.dicom.case_convert import reference_files
+
+    return {
+        "source_files": reference_files(shard_tables, dicom_root),
+        "private_dir": Path(private_dir),
+    }
 
 
 def case_outputs(task, model, store, rows: pd.DataFrame, device, batch_size):

@@ -66,9 +66,9 @@ def split_patients(
 
 
 def _check_folds(assignment: pd.DataFrame, n_folds: int) -> None:
-    if not set(assignment[C.LABEL]) <= {0, 1}:
-        # unlabelled units (-1: a segmentation study without a labels table) are one
-        # stratum; every fold needs patients, not classes
+    if not set(assignment[C.LABEL]) <= {0, 1} or assignment[C.LABEL].nunique() < 2:
+        # unlabelled units (-1: a segmentation study without a labels table) or a cohort
+        # of one class are one stratum: every fold needs patients, not classes
         sizes = assignment[assignment[C.SPLIT] == C.SPLIT_DEV].groupby(C.FOLD)[C.PATIENT_PID]
         if sizes.nunique().reindex(range(n_folds), fill_value=0).min() < 1:
             raise ValueError(f"{assignment[C.PATIENT_PID].nunique()} patients are too few "

@@ -25,7 +25,27 @@ ROWS = (
 )
 
 
+def segmentation_headline(metrics: dict) -> str:
+    """The segmentation evaluation's summary (radflow.tasks.segmentation.evaluation):
+    every region's mean Dice, HD95 and surface Dice with CIs, for the headline set."""
+    kind = metrics["headline"]["set"]
+    level = round(100 * (1 - metrics["alpha"]))
+    rows = [r for r in metrics["summary"] if r["set"] == kind]
+    n = rows[0]["n_cases"] if rows else 0
+    lines = [f"Segmentation, {kind} ({n} cases), means with {level}% CIs (patient bootstrap):"]
+    for region in dict.fromkeys(r["region"] for r in rows):
+        cells = []
+        for metric, label, fmt in (("dice", "Dice", ".3f"), ("hd95_mm", "HD95 mm", ".1f"),
+                                   ("nsd", "surface Dice", ".3f")):  # fmt: skip
+            r = next(r for r in rows if r["region"] == region and r["metric"] == metric)
+            cells.append(f"{label} {r['mean']:{fmt}} ({r['ci_low']:{fmt}}-{r['ci_high']:{fmt}})")
+        lines.append(f"  {region:<14} " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 def headline(metrics: dict) -> str:
+    if "ensemble_test" not in metrics and "headline" in metrics:
+        return segmentation_headline(metrics)
     ens = metrics["ensemble_test"]
     lines = [
         f"Ensemble of {ens['n_folds']} fold models on the held-out test set "

@@ -231,6 +231,21 @@ def get_preprocess_plan(wildcards):
 PREDICTION_FILES = f"{RESULTS}/predict/fold{{fold}}"
 
 
+# DICOM input of a task that writes prediction files: it also writes those that
+# reference the source series (segmentation: DICOM SEG), into the private folder, since
+# they carry the source's UIDs.
+DICOM_PREDICTIONS = TASK.prediction_files and not IMAGES_TABLE
+PRIVATE_PREDICTIONS = f"{PRIVATE}/predict/fold{{fold}}"
+
+
+def get_private_shard_tables(wildcards):
+    """Every shard's private file list, where predictions reference the source DICOM."""
+    if not DICOM_PREDICTIONS:
+        return []
+    _after_index()
+    return [f"{PRIVATE}/{C.SHARD_INDEX_DIR}/{shard}.tsv" for shard in SHARDS]
+
+
 def get_nifti_for_prediction():
     """The converted images, where predictions are restored onto their grids (the
     volumes layout); nothing for the grid layout."""

@@ -11,10 +11,13 @@ rule predict:
         series=get_series_table,  # re-planned after the index (rules/common.smk)
         # the converted images (volumes layout: predictions go back onto their grid)
         nifti=get_nifti_for_prediction(),
+        shard_files=get_private_shard_tables,  # DICOM SEG: the source series' files
     output:
         f"{RESULTS}/predict/fold{{fold}}.tsv",
         # a task's own prediction files (segmentation: masks), where it writes any
         **({"files": directory(PREDICTION_FILES)} if TASK.prediction_files else {}),
+        # ... and, for DICOM input, those that reference the source series (DICOM SEG)
+        **({"private": directory(PRIVATE_PREDICTIONS)} if DICOM_PREDICTIONS else {}),
     log:
         f"{LOGS}/predict/fold{{fold}}.log",
     conda:
@@ -29,5 +32,6 @@ rule predict:
         device=config["train"]["device"],
         batch_size=config["train"]["eval_batch_size"],
         calibration=config["evaluate"]["calibration"],
+        **({"dicom_root": config["data"]["dicom_root"]} if DICOM_PREDICTIONS else {}),
     script:
         "../scripts/predict.py"

@@ -24,4 +24,7 @@ with log_to(snakemake.log[0]):
         calibration=snakemake.params.calibration,
         out_path=snakemake.output[0],
         out_dir=snakemake.output.get("files"),
+        shard_tables=snakemake.input.get("shard_files", []),
+        dicom_root=snakemake.params.get("dicom_root"),
+        private_dir=snakemake.output.get("private"),
     )

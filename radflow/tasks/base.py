@@ -150,11 +150,15 @@ class Task(ABC):
 
     def predict_cases(self, model: nn.Module, store, cases: pd.DataFrame, *,
                       device: torch.device, batch_size: int, out_dir: Path,
-                      threads: int = 1) -> pd.DataFrame:  # fmt: skip
+                      threads: int = 1, source_files: Mapping[str, list[str]] | None = None,
+                      private_dir: Path | None = None) -> pd.DataFrame:  # fmt: skip
         """One fold model's `prediction_table` of `cases` (see the module docstring).
         The default runs the model over the cases' images in batches and hands the
         `outputs` to `prediction_table`; a task whose outputs are images predicts its
-        own way and writes them into `out_dir` (declared where `prediction_files`)."""
+        own way and writes them into `out_dir` (declared where `prediction_files`).
+        `source_files` (DICOM input of a task with `prediction_files`): per case, the
+        DICOM files of the series its converted image was made from; `private_dir`: the
+        fold's private folder, for outputs that must reference them (DICOM SEG)."""
         from radflow import conventions as C
         from radflow.inference import predict_logits
 

@@ -314,10 +314,14 @@ class Segmentation(Task):
             table[f"voxels_{name}"] = outputs[:, k].astype(np.int64)
         return table
 
-    def predict_cases(self, model, store, cases, *, device, batch_size, out_dir, threads=1):
+    def predict_cases(self, model, store, cases, *, device, batch_size, out_dir, threads=1,
+                      source_files=None, private_dir=None):  # fmt: skip
         """Sliding-window prediction of every case, restored onto its converted image's
-        grid and written to `out_dir`/<pid>.nii.gz (label values)."""
-        from radflow.geometry import restore_native, write_label_nifti
+        grid and written to `out_dir`/<pid>.nii.gz (label values). For DICOM input also
+        a DICOM SEG per case, `private_dir`/<pid>.dcm, referencing the series the
+        converted image was made from (`dicom_seg`: pseudonymous patient module, the
+        source's UIDs, hence the private folder)."""
+        from radflow.geometry import CaseGeometry, restore_native, write_label_nifti
         from radflow.runlog import progress
         from radflow.tasks.segmentation.inference import predict_volume
 
@@ -344,6 +348,9 @@ class Segmentation(Task):
             labels = values[classes]
             path = out_dir / f"{pid}{C.NIFTI_SUFFIX}"
             write_label_nifti(path, labels, row)
+            if private_dir is not None and source_files and pid in source_files:
+                self._write_seg(private_dir, pid, labels, CaseGeometry.from_row(row),
+                                source_files[pid], cases)  # fmt: skip
             counts.append(np.bincount(classes.ravel(), minlength=self.settings.n_classes)[1:])
             paths.append(str(path))
             nifti = converted_paths(store, pid)
@@ -356,6 +363,22 @@ class Segmentation(Task):
         table[IMAGE] = images
         table["seconds"] = seconds
         return table
+
+    def _write_seg(self, private_dir, pid, labels, geometry, files, cases) -> None:
+        from radflow.dicom import radflow_version
+        from radflow.tasks.segmentation.dicom_seg import write_prediction_seg
+
+        patient = cases.loc[cases[C.SERIES_PID] == pid, C.PATIENT_PID].iloc[0]
+        Path(private_dir).mkdir(parents=True, exist_ok=True)
+        write_prediction_seg(
+            Path(private_dir) / f"{pid}.dcm",
+            labels,
+            geometry.native_affine,
+            files,
+            segments={int(v): name for name, v in self.settings.labels.items()},
+            patient_pid=str(patient),
+            algorithm_version=radflow_version(),
+        )
 
     def write_predictions(self, predictions, path) -> None:
         from radflow.tables import atomic_path
