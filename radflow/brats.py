@@ -40,22 +40,24 @@ def case_table(root: str | os.PathLike, table_dir: str | os.PathLike, *,
         raise FileNotFoundError(f"{root}: no case folders (one folder per case expected)")
     rows = []
     for folder in folders:
-        names = sorted(p.name for p in folder.iterdir() if p.is_file())
-
-        def one(pattern: str, what: str) -> str:
-            hits = [n for n in names if re.search(pattern, n)]
-            if len(hits) != 1:
-                raise ValueError(
-                    f"{folder}: {len(hits)} files match the {what} pattern {pattern!r} "
-                    f"({hits or names}); exactly one is needed"
-                )
-            return os.path.relpath(folder / hits[0], table_dir)
-
-        mask_path = one(mask, "mask")
+        mask_path = _one_file(folder, mask, "mask", table_dir)
         for channel, pattern in channels.items():
-            rows.append({"patient_id": folder.name, "channel": channel,
-                         "path": one(pattern, f"channel {channel!r}"), "mask": mask_path})  # fmt: skip
+            path = _one_file(folder, pattern, f"channel {channel!r}", table_dir)
+            rows.append({"patient_id": folder.name, "channel": channel, "path": path,
+                         "mask": mask_path})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _one_file(folder: Path, pattern: str, what: str, table_dir: Path) -> str:
+    """The one file of `folder` whose name matches `pattern`, relative to `table_dir`."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    hits = [n for n in names if re.search(pattern, n)]
+    if len(hits) != 1:
+        raise ValueError(
+            f"{folder}: {len(hits)} files match the {what} pattern {pattern!r} "
+            f"({hits or names}); exactly one is needed"
+        )
+    return os.path.relpath(folder / hits[0], table_dir)
 
 
 def main(argv=None) -> int:

@@ -90,7 +90,7 @@ def _sources(shard_tables, dicom_root, private_dir) -> dict:
     """predict_cases' source_files and private_dir, where the stage has them."""
     if not shard_tables or not dicom_root or private_dir is None:
         return {}
-    from radflow.dicom.case_convert import reference_files
+    from radflow.tasks.segmentation.dicom_seg import reference_files
 
     return {
         "source_files": reference_files(shard_tables, dicom_root),

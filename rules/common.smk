@@ -27,7 +27,16 @@ TASK = get_task(config["task"], modules=config["task_modules"])
 # The task's own config section (Task.options_key, e.g. segmentation:), a parameter of
 # every rule that builds the task; a task without one adds no parameter.
 TASK_OPTIONS = task_options(config)
-TASK_PARAMS = {"task_options": TASK_OPTIONS} if TASK_OPTIONS else {}
+
+
+def task_params(stage):
+    """The rule parameter holding the part of the task's options that `stage` reads
+    (Task.stage_options); none for a task without options."""
+    if not TASK_OPTIONS:
+        return {}
+    return {"task_options": TASK.stage_options(stage, TASK_OPTIONS)}
+
+
 TASK = get_task(config["task"], modules=config["task_modules"], options=TASK_OPTIONS)
 check_config(config, TASK)
 

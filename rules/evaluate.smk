@@ -13,7 +13,7 @@ rule evaluate:
     resources:
         **get_resources("evaluate"),
     params:
-        **TASK_PARAMS,
+        **task_params("evaluate"),
         task=config["task"],
         evaluate=config["evaluate"],
     script:

@@ -20,7 +20,7 @@ rule figures:
     resources:
         **get_resources("figures"),
     params:
-        **TASK_PARAMS,
+        **task_params("figures"),
         task=config["task"],
         monitor_label=TASK.monitor_label,  # named by the training curves' caption
     script:

@@ -27,11 +27,11 @@ rule predict:
         **get_resources("predict"),
         gpu=1,
     params:
-        **TASK_PARAMS,
+        **task_params("predict"),
+        **({"dicom_root": config["data"]["dicom_root"]} if DICOM_PREDICTIONS else {}),
         task=config["task"],
         device=config["train"]["device"],
         batch_size=config["train"]["eval_batch_size"],
         calibration=config["evaluate"]["calibration"],
-        **({"dicom_root": config["data"]["dicom_root"]} if DICOM_PREDICTIONS else {}),
     script:
         "../scripts/predict.py"

@@ -20,7 +20,7 @@ if SYNTHETIC and config["synthesize"]["cohort"] == "chest_radiographs":
 
 
 # The segmentation demo: MR studies, masks as NIfTI or DICOM SEG, a masks table
-# (radflow/tasks/segmentation/synth.py), all in the folder above data.dicom_root.
+# (radflow/synth/brain.py), all in the folder above data.dicom_root.
 if SYNTHETIC and config["synthesize"]["cohort"] == "brain_mri":
 
     rule synthesize:

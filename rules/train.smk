@@ -17,7 +17,7 @@ rule train:
         **get_resources("train"),
         gpu=1,
     params:
-        **TASK_PARAMS,
+        **task_params("train"),
         task=config["task"],
         model=config["model"],
         train=config["train"],

@@ -10,7 +10,9 @@ from radflow.runlog import log_to
 from radflow.tasks import get_task
 
 with log_to(snakemake.log[0]):
-    task = get_task(snakemake.params.task, modules=snakemake.config["task_modules"],
+    task = get_task(
+        snakemake.params.task,
+        modules=snakemake.config["task_modules"],
         options=snakemake.params.get("task_options"),
     )
     headline = task.evaluate(

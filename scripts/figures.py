@@ -13,7 +13,9 @@ from radflow.tables import read_tsv
 from radflow.tasks import get_task
 
 with log_to(snakemake.log[0]):
-    task = get_task(snakemake.params.task, modules=snakemake.config["task_modules"],
+    task = get_task(
+        snakemake.params.task,
+        modules=snakemake.config["task_modules"],
         options=snakemake.params.get("task_options"),
     )
     task.draw_figures(

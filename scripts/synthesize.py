@@ -11,7 +11,7 @@ from radflow.runlog import log_to
 with log_to(snakemake.log[0]):
     settings = dict(snakemake.params.cohort)
     if settings["cohort"] == "brain_mri":
-        from radflow.tasks.segmentation.synth import synthesize_brain_cohort
+        from radflow.synth.brain import synthesize_brain_cohort
 
         brain = settings["brain"]
         paths = synthesize_brain_cohort(

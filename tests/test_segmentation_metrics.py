@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
 import numpy as np
 import pytest
@@ -337,9 +336,10 @@ def test_input_checks():
         SM.region_metrics(a, a, (1, 1, 1), {"all": [0, 1]}, settings)
 
 
-def test_a_brats_sized_case_takes_about_a_second_per_region():
+def test_a_brats_sized_case_with_scattered_false_positives():
     # 240 x 240 x 155 at 1 mm, a ~100 mL tumour and false positives scattered over the
-    # whole image, which stretch the crop to the full grid for the whole-tumour region.
+    # whole image, which stretch the crop to the full grid for the whole-tumour region
+    # (its cost: benchmarks/segmentation.py, not a test).
     shape = (240, 240, 155)
     ref = np.zeros(shape, dtype=np.uint8)
     ball = _ball((60, 60, 60), (30, 30, 30), 29, (1, 1, 1))
@@ -348,10 +348,7 @@ def test_a_brats_sized_case_takes_about_a_second_per_region():
     pred = np.roll(ref, 3, axis=0)
     pred[np.random.default_rng(0).random(shape) < 1e-4] = 2
     settings = SM.SegmentationMetricSettings(nsd_tolerance_mm=1.0)
-    start = time.perf_counter()
     rows = SM.region_metrics(pred, ref, (1, 1, 1), SM.BRATS_2015_REGIONS, settings)
-    elapsed_s = time.perf_counter() - start
-    assert elapsed_s < 3 * 2.0, f"{elapsed_s:.1f} s for three regions"
     # the core is only shifted by 3 mm: every boundary voxel has its image 3 mm away
     assert rows[0].lesion_fp > 500 and 0 < rows[1].hd95_mm <= 3.0
 

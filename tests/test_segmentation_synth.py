@@ -13,10 +13,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from radflow.synth.export import GIVEN_NAMES, INSTITUTIONS, SURNAMES, uid
-from radflow.tasks.segmentation import brain_phantom as bp
-from radflow.tasks.segmentation.ground_truth import SEGMENT_NAMES, dcm2niix_grid
-from radflow.tasks.segmentation.synth import (
+from radflow.synth import brain_phantom as bp
+from radflow.synth.brain import (
     FLAIR_PATTERN,
     LABEL_COLUMNS,
     LESION_COLUMNS,
@@ -26,6 +24,8 @@ from radflow.tasks.segmentation.synth import (
     render_case,
     synthesize_brain_cohort,
 )
+from radflow.synth.brain_truth import SEGMENT_NAMES, dcm2niix_grid
+from radflow.synth.export import GIVEN_NAMES, INSTITUTIONS, SURNAMES, uid
 
 from dcm2niix_reference import run_dcm2niix
 

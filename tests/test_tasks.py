@@ -52,7 +52,8 @@ def test_planning_imports_no_torch_pandas_or_matplotlib():
     code = (
         "import sys\n"
         "from radflow.tasks import get_task\n"
-        f"for name, modules in (('classification', []), ('toy_regression', [{str(TOY)!r}])):\n"
+        f"for name, modules in (('classification', []), ('segmentation', []),\n"
+        f"                      ('toy_regression', [{str(TOY)!r}])):\n"
         "    task = get_task(name, modules=modules)\n"
         "    task.evaluation_files(), task.figure_files(), task.case_figure_files()\n"
         "heavy = sorted({'torch', 'pandas', 'matplotlib'} & set(sys.modules))\n"
@@ -64,7 +65,7 @@ def test_planning_imports_no_torch_pandas_or_matplotlib():
 
 def test_unknown_task_names_both_config_keys():
     with pytest.raises(ConfigError, match="'task' must be one of .*'classification'.*task_modules"):
-        get_task("segmentation")
+        get_task("localisation")
 
 
 def test_a_task_module_given_as_a_file_registers_its_task(tmp_path, monkeypatch):

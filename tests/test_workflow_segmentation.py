@@ -20,9 +20,8 @@ import pytest
 import yaml
 
 from radflow import conventions as C
-from radflow.dicom.case_convert import reference_files
 from radflow.tables import read_tsv
-from radflow.tasks.segmentation.dicom_seg import labels_on_source_frames
+from radflow.tasks.segmentation.dicom_seg import labels_on_source_frames, reference_files
 
 from synth_cohort import planted_phi
 
@@ -110,6 +109,27 @@ def test_second_run_does_nothing(study):
     run = _snakemake(study, "-n")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Nothing to be done" in run.stdout + run.stderr
+
+
+def _planned(study: Path, change: dict) -> set[str]:
+    """The rules a dry run plans after `change` is layered over the study's config."""
+    (study / "change.yaml").write_text(yaml.safe_dump(change))
+    run = _snakemake(study, "-n", "--configfile", str(REPO / "config" / "config.yaml"),
+                     str(EXAMPLE), str(study / "tiny.yaml"), str(study / "change.yaml"))  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = run.stdout + run.stderr
+    return {line.split()[1].rstrip(":") for line in text.splitlines()
+            if line.startswith(("rule ", "localrule "))}  # fmt: skip
+
+
+def test_a_metric_option_reruns_the_evaluation_only(study):
+    planned = _planned(study, {"segmentation": {"nsd_tolerance_mm": 3.0}})
+    assert planned and planned <= {"evaluate", "figures", "all"}, planned
+
+
+def test_an_inference_option_repredicts_without_retraining(study):
+    planned = _planned(study, {"segmentation": {"overlap": 0.25}})
+    assert "predict" in planned and "train" not in planned, planned
 
 
 def _text_of(path: Path) -> bytes:

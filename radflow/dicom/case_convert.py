@@ -200,23 +200,3 @@ def case_jobs(table: pd.DataFrame, dicom_root: str, out_dir: str, **settings) ->
                          mask_labels=json.loads(labels) if labels else None,
                          dicom_root=dicom_root, out_dir=out_dir, **settings))  # fmt: skip
     return sorted(jobs, key=lambda job: -sum(len(ch["paths"]) for ch in job["channels"]))
-
-
-def reference_files(tables, dicom_root: str) -> dict[str, list[str]]:
-    """Per case (series_pid), the absolute paths of the DICOM files of the series whose
-    grid the converted image has (the reference channel: the first channel of the case's
-    rows, as `case_jobs` orders them; the unit's files for a single-series unit), from
-    the private shard tables (paths relative to `dicom_root`). Those files are what a
-    DICOM SEG of a prediction references."""
-    from radflow.tables import read_tsv
-
-    out: dict[str, list[str]] = {}
-    for table in tables:
-        table = read_tsv(table) if not isinstance(table, pd.DataFrame) else table
-        images = table[table[C.ROLE].fillna(C.ROLE_IMAGE).replace("", C.ROLE_IMAGE) == C.ROLE_IMAGE]
-        for series_pid, group in images.groupby(C.SERIES_PID, sort=True):
-            channel = group[C.CHANNEL].fillna("").iloc[0] if C.CHANNEL in group else ""
-            if channel:
-                group = group[group[C.CHANNEL] == channel]
-            out[series_pid] = [os.path.join(dicom_root, p) for p in sorted(group[C.PATH])]
-    return out

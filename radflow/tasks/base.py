@@ -113,6 +113,14 @@ class Task(ABC):
         self.train = train
         self.options = dict(options or {})
 
+    @classmethod
+    def stage_options(cls, stage: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The part of the task's `options` that stage `stage` ("train", "predict",
+        "evaluate", "figures") reads: its rule's parameter, so that an option changes
+        only the stages that read it (a metric's tolerance must not retrain). Default:
+        all of them."""
+        return dict(options)
+
     # ------------------------------------------------------------------- cases
     def open_store(self, preprocessed_dirs: Sequence[str | os.PathLike]):
         """The preprocessed cases of the study's layout: `radflow.data.PreprocessedStore`

@@ -2,5 +2,5 @@
 
 Its network is ``radflow.models.unet``; here live its loss (``loss``), patch sampling and
 loader (``patches``, ``augment``), sliding-window inference (``inference``), metrics
-(``metrics``), evaluation and figures (``evaluation``, ``figures``) and synthetic cohort
-(``synth``, ``brain_phantom``, ``ground_truth``)."""
+(``metrics``), evaluation and figures (``evaluation``, ``figures``) and the DICOM SEG of
+its predictions (``dicom_seg``). Its synthetic demo cohort is ``radflow.synth.brain``."""

@@ -42,8 +42,8 @@ from pydicom.sr.codedict import codes
 
 from radflow.deid import quiet_pydicom
 from radflow.dicom import radflow_version
+from radflow.synth.brain_truth import reproducible_seg
 from radflow.tables import atomic_path
-from radflow.tasks.segmentation.ground_truth import reproducible_seg
 
 #: LPS (DICOM) <-> RAS (NIfTI): x and y negated.
 _LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
@@ -244,3 +244,26 @@ def write_prediction_seg(
     with atomic_path(path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
     return path
+
+
+def reference_files(tables, dicom_root: str) -> dict[str, list[str]]:
+    """Per case (series_pid), the absolute paths of the DICOM files of the series whose
+    grid the converted image has (the reference channel: the first channel of the case's
+    rows, as `case_jobs` orders them; the unit's files for a single-series unit), from
+    the private shard tables (paths relative to `dicom_root`). Those files are what a
+    DICOM SEG of a prediction references."""
+    import pandas as pd
+
+    from radflow import conventions as C
+    from radflow.tables import read_tsv
+
+    out: dict[str, list[str]] = {}
+    for table in tables:
+        table = read_tsv(table) if not isinstance(table, pd.DataFrame) else table
+        images = table[table[C.ROLE].fillna(C.ROLE_IMAGE).replace("", C.ROLE_IMAGE) == C.ROLE_IMAGE]
+        for series_pid, group in images.groupby(C.SERIES_PID, sort=True):
+            channel = group[C.CHANNEL].fillna("").iloc[0] if C.CHANNEL in group else ""
+            if channel:
+                group = group[group[C.CHANNEL] == channel]
+            out[series_pid] = [os.path.join(dicom_root, p) for p in sorted(group[C.PATH])]
+    return out

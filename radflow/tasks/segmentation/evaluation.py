@@ -53,7 +53,11 @@ def read_label_map(path: str | os.PathLike):
     labels = np.asarray(image.dataobj)
     if labels.ndim != 3:
         raise ValueError(f"{path}: a label map must be 3D, this one has shape {labels.shape}")
-    return np.rint(labels).astype(np.int32), image.affine, tuple(float(z) for z in image.header.get_zooms()[:3])
+    return (
+        np.rint(labels).astype(np.int32),
+        image.affine,
+        tuple(float(z) for z in image.header.get_zooms()[:3]),
+    )
 
 
 def ensemble_vote(label_maps: Sequence[np.ndarray]) -> np.ndarray:
@@ -97,7 +101,9 @@ def per_case_metrics(predictions: pd.DataFrame, settings) -> pd.DataFrame:
         case = case._asdict()
         pred, affine, _ = read_label_map(case[T.PREDICTION])
         kind = T.SET_OUT_OF_FOLD if case[C.SPLIT] == C.SPLIT_VAL else SET_FOLD_TEST
-        for metrics in _case_rows((pred, affine), case[T.REFERENCE], None, settings, metric_settings):
+        for metrics in _case_rows(
+            (pred, affine), case[T.REFERENCE], None, settings, metric_settings
+        ):
             rows.append({**{k: case[k] for k in keep}, "set": kind, T.PREDICTION: case[T.PREDICTION],
                          T.REFERENCE: case[T.REFERENCE], T.IMAGE: case[T.IMAGE], **metrics})  # fmt: skip
     test = table[table[C.SPLIT] == C.SPLIT_TEST]
@@ -105,7 +111,9 @@ def per_case_metrics(predictions: pd.DataFrame, settings) -> pd.DataFrame:
         maps = [read_label_map(p) for p in group[T.PREDICTION]]
         voted = ensemble_vote([m[0] for m in maps])
         first = group.iloc[0]
-        for metrics in _case_rows((voted, maps[0][1]), first[T.REFERENCE], None, settings, metric_settings):
+        for metrics in _case_rows(
+            (voted, maps[0][1]), first[T.REFERENCE], None, settings, metric_settings
+        ):
             rows.append({C.SERIES_PID: pid, C.PATIENT_PID: first[C.PATIENT_PID],
                          C.LABEL: first[C.LABEL], C.FOLD: T.ENSEMBLE_FOLD, "set": T.SET_TEST,
                          T.PREDICTION: ENSEMBLE_SEPARATOR.join(group[T.PREDICTION]),
@@ -209,6 +217,4 @@ def draw_segmentation_figures(evaluation_dir: Path, settings, out: Mapping[str, 
                 prediction=Path(prediction),
             ))  # fmt: skip
         figures.plot_overlay_montage(cases, out["overlays"], title=f"{kind}: {region}")
-    figures.plot_metric_strips(
-        shown, out["metric_strips"], summary=summary[summary["set"] == kind]
-    )
+    figures.plot_metric_strips(shown, out["metric_strips"], summary=summary[summary["set"] == kind])

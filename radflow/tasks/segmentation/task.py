@@ -98,7 +98,9 @@ class SegmentationSettings:
     def check(self) -> None:
         values = list(self.labels.values())
         if len(set(values)) != len(values):
-            raise ConfigError(f"segmentation.labels: two classes share a label value: {self.labels}")
+            raise ConfigError(
+                f"segmentation.labels: two classes share a label value: {self.labels}"
+            )
         for name, members in self.region_classes().items():
             unknown = sorted(set(members) - set(self.labels))
             if unknown:
@@ -252,9 +254,24 @@ class Segmentation(Task):
     prediction_files = True
     options_key = "segmentation"
 
+    #: Which keys of config segmentation: each stage reads (`stage_options`).
+    STAGE_KEYS = {
+        "train": ("labels", "patch_size", "iterations_per_epoch", "oversample_foreground",
+                  "validation_patches", "augment"),
+        "predict": ("labels", "patch_size", "overlap", "mirror_axes"),
+        "evaluate": ("labels", "regions", "nsd_tolerance_mm", "min_lesion_mm3",
+                     "lesion_connectivity"),
+        "figures": ("labels", "regions"),
+    }  # fmt: skip
+
     def __init__(self, train=None, options=None):
         super().__init__(train, options)
         self.settings = SegmentationSettings.from_config(self.options)
+
+    @classmethod
+    def stage_options(cls, stage, options):
+        keys = cls.STAGE_KEYS.get(stage)
+        return dict(options) if keys is None else {k: options[k] for k in keys if k in options}
 
     # ------------------------------------------------------------------ training
     def build_model(

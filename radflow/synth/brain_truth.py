@@ -8,6 +8,7 @@ series' DICOM layout: slice k in order along the normal, row j and column i as s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pydicom.sr.codedict import codes
 from radflow.dicom import radflow_version
 from radflow.dicom.nifti import write_nifti
 from radflow.dicom.reader import ras_affine
-from radflow.tasks.segmentation.brain_phantom import LESION_LABELS, SliceGeometry
+from radflow.synth.brain_phantom import LESION_LABELS, SliceGeometry
 
 #: DICOM SEG segment labels, numbered 1, 2, 3 in this order, of the LESION_LABELS zones.
 SEGMENT_NAMES = ("necrosis", "oedema", "enhancing")
@@ -54,7 +55,14 @@ def reproducible_seg(*, date: str, time: str, dimension_uid: str, **kwargs) -> h
     """`hd.seg.Segmentation(**kwargs)` stamped with `date` and `time` (content, instance
     creation, contribution) and `dimension_uid` in place of what highdicom takes from the
     clock and a random UID: equal arguments give equal bytes."""
-    seg = hd.seg.Segmentation(content_date=date, content_time=time, **kwargs)
+    # highdicom logs every module it copies at INFO: hundreds of lines per job log
+    logger = logging.getLogger("highdicom")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        seg = hd.seg.Segmentation(content_date=date, content_time=time, **kwargs)
+    finally:
+        logger.setLevel(level)
     seg.InstanceCreationDate, seg.InstanceCreationTime = date, time
     for item in seg.ContributingEquipmentSequence:
         if "ContributionDateTime" in item:

@@ -38,7 +38,7 @@ thalami, and 0-3 irregular lesions 5-40 mm across (no lesion in about a third of
 patients), each of oedema (bright on FLAIR), an enhancing rim (bright on T1-post) and,
 in most lesions over 12 mm, a necrotic core (dark on T1-post).
 
-**Ground truth** (`ground_truth`). A label map on the FLAIR (the reference series) with
+**Ground truth** (`brain_truth`). A label map on the FLAIR (the reference series) with
 the BraTS 2013-2015 values: 0 background, 1 necrosis (the non-enhancing core), 2 oedema,
 4 enhancing rim; 3 (non-enhancing tumour) is not used. Each voxel holds the zone that fills
 most of it; a lesion smaller than the voxels is marked on the one it fills most. Per case,
@@ -82,6 +82,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from radflow.synth import brain_phantom
+from radflow.synth.brain_phantom import SliceGeometry
+from radflow.synth.brain_truth import write_label_nifti, write_label_seg
 from radflow.synth.export import (
     dataset_from,
     map_jobs,
@@ -94,9 +97,6 @@ from radflow.synth.export import (
     write_dataset,
     write_junk,
 )
-from radflow.tasks.segmentation import brain_phantom
-from radflow.tasks.segmentation.brain_phantom import SliceGeometry
-from radflow.tasks.segmentation.ground_truth import write_label_nifti, write_label_seg
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
