@@ -229,6 +229,13 @@ def check_config(config: dict, task=None) -> None:
             f"preprocess.target_spacing_mm: {spacing} gives one spacing per axis, which only "
             "the volumes layout (segmentation, localisation) takes; give one number"
         )
+    split = config.get("split", {})
+    if (task is not None and task.needs_test_set and not split.get("table")
+            and split.get("test_fraction", 0.2) == 0):  # fmt: skip
+        problems.append(
+            f"split.test_fraction: task {task.name!r} evaluates on a held-out test set; "
+            "set a fraction above 0 (e.g. 0.2)"
+        )
     calibration = config.get("evaluate", {}).get("calibration")
     if task is not None and calibration is not None:
         if calibration not in task.calibration_methods:

@@ -98,6 +98,9 @@ class Task(ABC):
     #: spacing, reoriented and cropped to its foreground, with its mask
     #: (radflow.volumes, radflow.data.VolumeStore). The workflow picks its rules by it.
     preprocessed_layout: ClassVar[str] = "grid"
+    #: Whether the evaluation needs held-out test cases (split.test_fraction > 0); a
+    #: task that also reports its out-of-fold predictions can do without.
+    needs_test_set: ClassVar[bool] = True
     #: Whether `predict_cases` writes files of its own (e.g. masks) into the fold's
     #: folder results/predict/fold<k>/, which the predict rule then declares.
     prediction_files: ClassVar[bool] = False

@@ -253,6 +253,7 @@ class Segmentation(Task):
     preprocessed_layout = C.LAYOUT_VOLUMES
     prediction_files = True
     options_key = "segmentation"
+    needs_test_set = False  # the out-of-fold predictions are evaluated too
 
     #: Which keys of config segmentation: each stage reads (`stage_options`).
     STAGE_KEYS = {
