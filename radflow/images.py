@@ -255,8 +255,11 @@ def table_fingerprint(images_table: str | os.PathLike, columns: TableColumns) ->
     return files_fingerprint(table_root(images_table), referenced_files(images_table, columns))
 
 
-def _read_rows(images_table, columns: TableColumns, modality: str, need_label: bool) -> list[_Row]:
+def _read_rows(images_table, columns: TableColumns, modality: str,
+               need_label: bool | None) -> list[_Row]:  # fmt: skip
     table = read_table(images_table)
+    if need_label is None:  # a table of masks is a segmentation study: labels optional
+        need_label = columns.mask not in table.columns
     required = [columns.patient, columns.path] + ([columns.label] if need_label else [])
     _require_columns(table, images_table, required,
                      "data.columns (patient, path) and data.label_column")  # fmt: skip
@@ -329,7 +332,7 @@ def build_table_index(
     key: bytes,
     n_shards: int,
     threads: int = 1,
-    need_label: bool = True,
+    need_label: bool | None = None,
     lesions_table: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> IndexResult:
@@ -340,7 +343,9 @@ def build_table_index(
       OT...): it picks the intensity normalisation of preprocess.
     reference_channel: the channel whose grid the others are resampled onto (default:
       the first channel of the table).
-    need_label: whether every case needs a label (classification does).
+    need_label: whether every case needs a label (classification does); None (the
+      default): unless the table has a mask column (a segmentation study), where a
+      label column is optional and a case without a label has label -1.
     lesions_table: optional CSV/TSV of lesion centres (localisation targets), one row per
       lesion: the case column (data.columns.case; the patient column where the images
       table has no case column) and coordX, coordY, coordZ (world mm, LPS, as LUNA16)
@@ -351,6 +356,8 @@ def build_table_index(
     if n_shards < 1:
         raise ValueError(f"n_shards must be >= 1, got {n_shards}")
     rows = _read_rows(images_table, columns, modality, need_label)
+    if need_label is None:
+        need_label = not any(row.mask for row in rows)
     channels = _channel_order(rows, reference_channel, images_table)
     root = table_root(images_table)
     absolute = lambda rel: rel if os.path.isabs(rel) else os.path.join(root, rel)  # noqa: E731
