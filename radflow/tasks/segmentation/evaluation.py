@@ -188,8 +188,8 @@ def evaluate_segmentation(predictions: pd.DataFrame, settings, *, n_boot: int, a
 
 # ------------------------------------------------------------------ figures
 def draw_segmentation_figures(evaluation_dir: Path, settings, out: Mapping[str, Path]) -> None:
-    """The overlays of the headline set's best, median and worst case (by the first
-    region's Dice) and the metric strip plots, from the evaluation's tables."""
+    """The overlays of the headline set's best, median and worst case with a lesion (by
+    the first region's Dice) and the metric strip plots, from the evaluation's tables."""
     import nibabel as nib
 
     from radflow.tables import read_tsv
@@ -200,7 +200,10 @@ def draw_segmentation_figures(evaluation_dir: Path, settings, out: Mapping[str, 
     kind = headline_set(per_case)
     region = next(iter(settings.region_classes()))
     shown = per_case[per_case["set"] == kind]
-    picks = figures.select_cases(shown, region=region, metric="dice")
+    # the overlays show lesions: cases whose reference has the region, where any has
+    with_lesion = shown[(shown["region"] == region) & (shown["ref_volume_ml"] > 0)]
+    pool = shown[shown[C.SERIES_PID].isin(with_lesion[C.SERIES_PID])] if len(with_lesion) else shown
+    picks = figures.select_cases(pool, region=region, metric="dice")
     with tempfile.TemporaryDirectory() as scratch:
         cases = []
         for rank, pid in picks.items():
