@@ -347,11 +347,15 @@ def run_fold(
         )
     data = task.training_data(store, train_rows, val_rows, settings)
     device = resolve_device(settings.device)
-    labelled = lambda rows: (rows[C.LABEL] == 1).sum()  # noqa: E731
+
+    def count(rows, part: str) -> str:  # cases, and positives where there are labels
+        labelled = (rows[C.LABEL] >= 0).any()
+        positive = f" ({(rows[C.LABEL] == 1).sum()} positive)" if labelled else ""
+        return f"{len(rows)} {part} cases{positive}"
+
     print(
-        f"fold {fold}: {len(train_rows)} training cases "
-        f"({labelled(train_rows)} positive), {len(val_rows)} validation cases "
-        f"({labelled(val_rows)} positive); device {device}, {threads} threads; "
+        f"fold {fold}: {count(train_rows, 'training')}, {count(val_rows, 'validation')}; "
+        f"device {device}, {threads} threads; "
         f"model {task.name} depth {settings.model.depth} "
         f"width {settings.model.base_width}" + ("" if settings.model.residual else " (plain)")
     )
