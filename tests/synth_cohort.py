@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import pydicom
@@ -46,3 +47,11 @@ def planted_phi(dicom_dir: Path) -> set[str]:
                     family, given = value.split("^")[:2]
                     values.update({f"{given} {family}", f"{family}, {given}", family + given})
     return values
+
+
+def text_of(path: Path) -> bytes:
+    """A file's bytes, with the decompressed bytes appended for .gz (NIfTI), for PHI scans."""
+    data = Path(path).read_bytes()
+    if Path(path).suffix == ".gz":
+        data += gzip.decompress(data)
+    return data

@@ -3,7 +3,6 @@ second time, reruns exactly the stages a changed parameter affects, leaks no PHI
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from synth_cohort import planted_phi
+from synth_cohort import planted_phi, text_of
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -226,13 +225,6 @@ def test_a_registered_second_task_runs_through_the_same_stages(study, tmp_path):
     }
 
 
-def _text_of(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data += gzip.decompress(data)
-    return data
-
-
 def test_no_planted_phi_in_any_output(study):
     phi = planted_phi(study / "data" / "demo" / "dicom")
     assert len(phi) > 50  # names, ids, birth dates, accession numbers, institutions, UIDs
@@ -240,7 +232,7 @@ def test_no_planted_phi_in_any_output(study):
     assert len(files) > 30
     leaks = []
     for path in files:
-        blob = _text_of(path)
+        blob = text_of(path)
         rel = str(path.relative_to(study))
         for value in phi:
             if value.encode() in blob or value in rel:

@@ -7,7 +7,6 @@ results/."""
 
 from __future__ import annotations
 
-import gzip
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from radflow import conventions as C
 from radflow.tables import read_tsv
 from radflow.tasks.segmentation.dicom_seg import labels_on_source_frames, reference_files
 
-from synth_cohort import planted_phi
+from synth_cohort import planted_phi, text_of
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.workflow
@@ -134,13 +133,6 @@ def test_an_inference_option_repredicts_without_retraining(study):
     assert "predict" in planned and "train" not in planned, planned
 
 
-def _text_of(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data += gzip.decompress(data)
-    return data
-
-
 def test_no_planted_phi_in_results_and_none_but_uids_in_the_seg(study):
     phi = planted_phi(study / "data/demo-seg/dicom")
     assert len(phi) > 30
@@ -148,7 +140,7 @@ def test_no_planted_phi_in_results_and_none_but_uids_in_the_seg(study):
     assert any(p.name.endswith(C.NIFTI_SUFFIX) and "predict" in p.parts for p in files)
     leaks = []
     for path in files:
-        blob, rel = _text_of(path), str(path.relative_to(study))  # each file read once
+        blob, rel = text_of(path), str(path.relative_to(study))  # each file read once
         leaks += [f"{rel}: {v}" for v in phi if v.encode() in blob or v in rel]
     assert not leaks, "PHI found in results:\n" + "\n".join(leaks[:20])
     # the SEGs (private: they reference the source's UIDs) carry no other identifier

@@ -70,7 +70,7 @@ def ensemble_vote(label_maps: Sequence[np.ndarray]) -> np.ndarray:
     return values[np.argmax(counts, axis=0)].astype(maps.dtype)
 
 
-def _case_rows(prediction_labels, reference_path, spacing_check, settings, metric_settings):
+def _case_rows(prediction_labels, reference_path, settings, metric_settings):
     ref, ref_affine, spacing = read_label_map(reference_path)
     pred, pred_affine = prediction_labels
     if pred.shape != ref.shape or not np.allclose(pred_affine, ref_affine, atol=1e-3):
@@ -101,9 +101,7 @@ def per_case_metrics(predictions: pd.DataFrame, settings) -> pd.DataFrame:
         case = case._asdict()
         pred, affine, _ = read_label_map(case[T.PREDICTION])
         kind = T.SET_OUT_OF_FOLD if case[C.SPLIT] == C.SPLIT_VAL else SET_FOLD_TEST
-        for metrics in _case_rows(
-            (pred, affine), case[T.REFERENCE], None, settings, metric_settings
-        ):
+        for metrics in _case_rows((pred, affine), case[T.REFERENCE], settings, metric_settings):
             rows.append({**{k: case[k] for k in keep}, "set": kind, T.PREDICTION: case[T.PREDICTION],
                          T.REFERENCE: case[T.REFERENCE], T.IMAGE: case[T.IMAGE], **metrics})  # fmt: skip
     test = table[table[C.SPLIT] == C.SPLIT_TEST]
@@ -112,7 +110,7 @@ def per_case_metrics(predictions: pd.DataFrame, settings) -> pd.DataFrame:
         voted = ensemble_vote([m[0] for m in maps])
         first = group.iloc[0]
         for metrics in _case_rows(
-            (voted, maps[0][1]), first[T.REFERENCE], None, settings, metric_settings
+            (voted, maps[0][1]), first[T.REFERENCE], settings, metric_settings
         ):
             rows.append({C.SERIES_PID: pid, C.PATIENT_PID: first[C.PATIENT_PID],
                          C.LABEL: first[C.LABEL], C.FOLD: T.ENSEMBLE_FOLD, "set": T.SET_TEST,

@@ -294,7 +294,9 @@ class Segmentation(Task):
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-voxel class (N, *spatial), uint8."""
-        return logits.argmax(1).to(dtype=__import__("torch").uint8).cpu()
+        import torch
+
+        return logits.argmax(1).to(dtype=torch.uint8).cpu()
 
     def monitor_value(self, targets: np.ndarray, outputs: np.ndarray) -> float:
         """nnU-Net's pseudo-Dice: per class, Dice of all validation patches pooled,
