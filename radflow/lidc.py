@@ -19,15 +19,19 @@ in annotations_excluded.csv. This module computes, per reader:
   exclusion contour cut out), over the nodule's slices, mapped to world mm with the
   series' geometry (`read_series_geometry`);
 - diameter: that of the sphere of the region's volume (voxel count x pixel area x slice
-  spacing). On the real LIDC-IDRI-0001/0003 nodules the per-reader values reproduce the
-  per-reader diameters in annotations_excluded.csv (e.g. 8.78 / 9.60 / 9.70 mm against
-  8.79 / 9.65 / 9.70) and the consensus is within -1.0% to +3.7% of annotations.csv;
-  filling the outline pixels too gives 5-16% more, and the largest axial contour
-  diameter (pylidc's `diameter`) 17-51% more. `max_axial_diameter_mm` is kept beside it.
+  spacing). On the real LIDC-IDRI-0001/0003 nodules most per-reader values equal a
+  per-reader diameter of annotations_excluded.csv (8.78 / 9.60 / 9.70 mm against 8.79 /
+  9.65 / 9.70; 26.56 against 26.57), a few have no counterpart there (LUNA16 may have
+  read another revision of the XML), and the consensus is within -1.0% to +3.7% of
+  annotations.csv. Filling the outline pixels too puts the consensus 4-16% above
+  LUNA16's, the largest axial contour diameter (pylidc's `diameter`) 17-51% above;
+  it is kept as `max_axial_diameter_mm`.
 
 `consensus_nodules` clusters the readers' nodules (different readers only, linked when
 their centres are closer than the sum of their radii unless a fixed distance is given),
-keeps clusters of >= 3 readers and averages them.
+keeps clusters of >= 3 readers and averages them; `min_diameter_mm` applies to the
+averaged diameter (annotations.csv's smallest is 3.25 mm while single readers' marks
+in annotations_excluded.csv go down to 2.0 mm).
 
 Slices outside the series (short exports): a ROI whose SOP UID is not in the series is
 placed by its imageZposition on the series' slice grid extended beyond its ends (same
@@ -173,6 +177,9 @@ class SeriesGeometry:
         if roi.z_position_mm is None:
             raise LidcError(f"series {self.series_uid}: ROI on SOP {roi.sop_uid} is not in "
                             "the series and has no imageZposition")  # fmt: skip
+        if abs(self.affine_lps[2, 2]) < 1e-6:
+            raise LidcError(f"series {self.series_uid}: ROI on SOP {roi.sop_uid} is not in "
+                            "the series, whose slices do not advance along z")  # fmt: skip
         # z of slice k's first voxel is affine[2, 3] + k affine[2, 2] (in-plane axes
         # carry no z for the axial stacks of LIDC; their z terms vanish at column/row 0)
         return (roi.z_position_mm - self.affine_lps[2, 3]) / self.affine_lps[2, 2], False
