@@ -30,6 +30,7 @@ __all__ = [
     "bootstrap_case_ci",
     "bootstrap_ci",
     "bootstrap_cis",
+    "bootstrap_draws",
     "brier_score",
     "confusion_at",
     "expected_calibration_error",
@@ -318,6 +319,18 @@ class BootstrapResult(NamedTuple):
     n_valid: int  # replicates where the metric was defined (finite)
 
 
+def bootstrap_draws(n_groups: int, n_boot: int, seed: int) -> Iterator[NDArray[np.int64]]:
+    """The bootstrap replicates every CI here rests on, as drawn group positions.
+
+    Each of the ``n_boot`` replicates is ``n_groups`` positions in 0 .. n_groups - 1 drawn
+    uniformly with replacement (a group drawn twice counts twice). Deterministic for a
+    given seed: ``bootstrap_cis`` with the same seed draws the same replicates.
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield rng.integers(0, n_groups, size=n_groups)
+
+
 class _Resampler:
     """Draws bootstrap replicates, resampling groups (patients) with replacement.
 
@@ -348,9 +361,7 @@ class _Resampler:
     def replicates(
         self, n_boot: int, seed: int
     ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.float64]]]:
-        rng = np.random.default_rng(seed)
-        for _ in range(n_boot):
-            drawn = rng.integers(0, self.n_groups, size=self.n_groups)
+        for drawn in bootstrap_draws(self.n_groups, n_boot, seed):
             group_mult = np.bincount(drawn, minlength=self.n_groups)
             idx = np.repeat(self.case_index, group_mult[self.codes])
             yield self.y[idx], self.p[idx]
