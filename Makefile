@@ -14,12 +14,13 @@ TORCH_GPU ?= torch>=2.4
 TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: demo demo-segmentation brats ablation test test-fast lint report readme-result clean help
+.PHONY: demo demo-segmentation demo-localization brats ablation test test-fast lint report readme-result clean help
 
 help:
 	@echo "make demo  - install into $(VENV) and run the study on the synthetic cohort"
 	@echo "make test  - install into $(VENV) and run the tests"
 	@echo "make demo-segmentation - the 3D segmentation demo (synthetic brain MR) in studies/segmentation/"
+	@echo "make demo-localization - the 3D localisation demo (synthetic chest CT, LUNA16 FROC) in studies/localization/"
 	@echo "make brats - segmentation of the real BraTS cases in ../shared/data (studies/brats/)"
 	@echo "make ablation - the demo's plain vs residual networks by depth (README), its report"
 	@echo "make test-fast - the inner loop: every test but the full-DAG runs and SLURM"
@@ -46,6 +47,7 @@ demo: $(VENV)/.installed
 # The segmentation demo and the BraTS study each run in a folder of their own under
 # studies/ (their data, private/ and results/ apart from the classification demo's).
 SEG_STUDY ?= studies/segmentation
+LOC_STUDY ?= studies/localization
 BRATS_STUDY ?= studies/brats
 BRATS_DATA ?= ../shared/data/brats2015
 study = $(BIN)/snakemake -s $(CURDIR)/Snakefile -d $(1) --configfile $(CURDIR)/config/config.yaml $(CURDIR)/config/examples/$(2)
@@ -54,6 +56,11 @@ demo-segmentation: $(VENV)/.installed
 	$(call study,$(SEG_STUDY),brain_mri_segmentation.yaml) --cores $(CORES) --resources gpu=1
 	$(call study,$(SEG_STUDY),brain_mri_segmentation.yaml) --cores 1 --report results/report.html
 	@$(BIN)/python -m radflow.summary $(SEG_STUDY)/results/evaluate/metrics.json
+
+demo-localization: $(VENV)/.installed
+	$(call study,$(LOC_STUDY),lung_ct_localization.yaml) --cores $(CORES) --resources gpu=1
+	$(call study,$(LOC_STUDY),lung_ct_localization.yaml) --cores 1 --report results/report.html
+	@$(BIN)/python -m radflow.summary $(LOC_STUDY)/results/evaluate/metrics.json
 
 brats: $(VENV)/.installed
 	$(BIN)/python -m radflow.brats $(BRATS_DATA) $(BRATS_STUDY)/data/brats/images.tsv
@@ -88,4 +95,4 @@ readme-result: $(VENV)/.installed
 	$(BIN)/python -m radflow.summary results/evaluate/metrics.json --update-readme README.md
 
 clean:
-	rm -rf results .snakemake $(SEG_STUDY)/results $(SEG_STUDY)/.snakemake $(BRATS_STUDY)/results $(BRATS_STUDY)/.snakemake
+	rm -rf results .snakemake $(SEG_STUDY)/results $(SEG_STUDY)/.snakemake $(BRATS_STUDY)/results $(BRATS_STUDY)/.snakemake $(LOC_STUDY)/results $(LOC_STUDY)/.snakemake

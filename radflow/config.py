@@ -135,20 +135,18 @@ def check_config(config: dict, task=None) -> None:
     need_file("images_table", data.get("images_table"), "file")
     need_file("annotations_table", data.get("annotations_table"), "file")
     need_file("lesions_table", data.get("lesions_table"), "file")
+    need_file("excluded_lesions_table", data.get("excluded_lesions_table"), "file")
     need_file("masks_table", data.get("masks_table"), "file")
-    if data.get("lesions_table") and not data.get("images_table"):
-        problems.append(
-            "data.lesions_table: lesion centres in world mm are read with an images table; "
-            "for DICOM input use data.annotations_table"
-        )
     if bool(data.get("dicom_root")) == bool(data.get("images_table")):
         problems.append(
             "data: give exactly one input, data.dicom_root (a DICOM tree, with "
             "data.labels_table) or data.images_table (a table of image files)"
         )
-    if data.get("dicom_root") and not data.get("labels_table") and not data.get("masks_table"):
+    if (data.get("dicom_root") and not data.get("labels_table") and not data.get("masks_table")
+            and not data.get("lesions_table")):  # fmt: skip
         problems.append("data.labels_table: a DICOM tree needs a labels table (or, for "
-                        "segmentation, a data.masks_table); set its path")  # fmt: skip
+                        "segmentation, a data.masks_table; for localisation, a "
+                        "data.lesions_table); set its path")  # fmt: skip
     problems += _case_problems(data)
     if data.get("images_table") and synthetic:
         problems.append(
@@ -197,6 +195,7 @@ def check_config(config: dict, task=None) -> None:
         ("data.labels_table", data.get("labels_table")),
         ("data.images_table", data.get("images_table")),
         ("data.lesions_table", data.get("lesions_table")),
+        ("data.excluded_lesions_table", data.get("excluded_lesions_table")),
         ("data.masks_table", data.get("masks_table")),
         ("split.table", split_table),
         ("data.annotations_table", data.get("annotations_table")),

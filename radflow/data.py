@@ -97,6 +97,7 @@ class VolumeStore:
         if len(self.manifest) and self.manifest[C.SERIES_PID].duplicated().any():
             raise ValueError("a series_pid appears in two preprocessed shards")
         self._rows = {r[C.SERIES_PID]: r for r in self.manifest.to_dict("records")}
+        self._lesions: dict[Path, dict[str, pd.DataFrame]] = {}
 
     @property
     def cases(self) -> list[str]:
@@ -128,6 +129,20 @@ class VolumeStore:
         from radflow.volumes import parse_label_voxels
 
         return parse_label_voxels(self._rows[series_pid]["label_voxels"])
+
+    def lesions(self, series_pid: str) -> pd.DataFrame:
+        """The case's lesions in its preprocessed voxels (radflow.lesions
+        PREPROCESSED_COLUMNS; none where the shard has no lesions table)."""
+        from radflow.lesions import PREPROCESSED_COLUMNS, PREPROCESSED_LESIONS
+
+        shard = self.shard_dir(series_pid)
+        if shard not in self._lesions:
+            path = shard / PREPROCESSED_LESIONS
+            table = read_tsv(path) if path.is_file() else pd.DataFrame(columns=PREPROCESSED_COLUMNS)
+            self._lesions[shard] = {pid: g.reset_index(drop=True)
+                                    for pid, g in table.groupby(C.SERIES_PID)}  # fmt: skip
+        empty = pd.DataFrame(columns=PREPROCESSED_COLUMNS)
+        return self._lesions[shard].get(series_pid, empty)
 
     def shard_dir(self, series_pid: str) -> Path:
         """The preprocessed shard folder holding the case."""

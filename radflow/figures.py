@@ -315,37 +315,47 @@ def plot_confusion(curves: Mapping[str, Any], path: str | os.PathLike) -> Figure
 
 
 def plot_froc(froc: Mapping[str, Any], path: str | os.PathLike) -> Figure:
-    """LUNA16 FROC curve with its pointwise bootstrap band, on a log2 axis of false
+    """LUNA16 FROC curves with their pointwise bootstrap bands, on a log2 axis of false
     positives per scan, the seven sensitivities marked.
 
-    Uses the summary ``radflow.luna16.LunaScore.summary()`` returns (froc.json):
+    `froc`: the summary ``radflow.luna16.LunaScore.summary()`` returns (froc.json):
     curve {fps, sensitivity, ci_low, ci_high}, fp_rates, sensitivities, cpm and its
-    CI, confidence, n_scans, n_nodules. The curve is ``fig.axes[0].lines[0]``, the
-    marks ``lines[1]``.
+    CI, confidence, n_scans, n_nodules; or several by name ({"out-of-fold": summary,
+    ...}), one curve each. The first curve is ``fig.axes[0].lines[0]``, its marks
+    ``lines[1]``.
     """
-    curve = froc["curve"]
-    fps = _arr(curve["fps"])
-    pct = _ci_pct({"ci_level": froc.get("confidence")})
-    cpm = {"value": froc.get("cpm"), "ci_low": froc.get("cpm_ci_low"),
-           "ci_high": froc.get("cpm_ci_high")}  # fmt: skip
+    sets = {"": froc} if "curve" in froc else dict(froc)
     with mpl.rc_context(_STYLE):
         fig = _new_figure((5.6, 4.6))
         ax = fig.add_subplot()
-        ax.plot(fps, _arr(curve["sensitivity"]), color=_MAIN, lw=2, zorder=4,
-                label=f"CPM {_with_ci(cpm, pct)}")  # fmt: skip
-        ax.fill_between(fps, _arr(curve["ci_low"]), _arr(curve["ci_high"]), color=_MAIN,
-                        alpha=0.2, lw=0, label=f"{pct} bootstrap band (pointwise, scans)")  # fmt: skip
-        rates = _arr(froc["fp_rates"])
-        ax.plot(rates, _arr(froc["sensitivities"]), ls="none", marker="o", ms=5,
-                mfc="white", mec=_ACCENT, mew=1.5, zorder=5, label="sensitivity at 1/8 – 8")  # fmt: skip
+        if not sets:
+            _message(ax, "no evaluation set")
+            return _save(fig, path)
+        colours = [_MAIN, *[c for c in OKABE_ITO if c != _MAIN]]
+        for colour, (name, one) in zip(colours, sets.items(), strict=False):
+            curve = one["curve"]
+            fps = _arr(curve["fps"])
+            pct = _ci_pct({"ci_level": one.get("confidence")})
+            cpm = {"value": one.get("cpm"), "ci_low": one.get("cpm_ci_low"),
+                   "ci_high": one.get("cpm_ci_high")}  # fmt: skip
+            prefix = f"{name}: " if name else ""
+            ax.plot(fps, _arr(curve["sensitivity"]), color=colour, lw=2, zorder=4,
+                    label=f"{prefix}CPM {_with_ci(cpm, pct)}, {one.get('n_nodules')} nodules "
+                    f"in {one.get('n_scans')} scans")  # fmt: skip
+            rates = _arr(one["fp_rates"])
+            ax.plot(rates, _arr(one["sensitivities"]), ls="none", marker="o", ms=5, mfc="white",
+                    mec=colour, mew=1.5, zorder=5)  # fmt: skip
+            ax.fill_between(fps, _arr(curve["ci_low"]), _arr(curve["ci_high"]), color=colour,
+                            alpha=0.2, lw=0)  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xticks(rates, [f"{r:g}" for r in rates])
         ax.set_xlim(fps.min(), fps.max())
         ax.set_ylim(0, 1.01)
         ax.set_xlabel("Average number of false positives per scan (log scale)")
         ax.set_ylabel("Sensitivity (fraction of nodules)")
-        ax.set_title(f"FROC – {froc.get('n_nodules')} nodules in {froc.get('n_scans')} scans")
-        ax.legend(loc="lower right")
+        ax.set_title(f"FROC (LUNA16), {pct} pointwise bootstrap band over scans; "
+                     "marks: 1/8 \u2013 8 FPs/scan", fontsize=9)  # fmt: skip
+        ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 

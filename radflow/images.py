@@ -54,6 +54,13 @@ from radflow.cases import (  # noqa: F401  (read_volume: re-exported)
 from radflow.dicom.index import IndexResult
 from radflow.files import files_fingerprint
 from radflow.labels import _line, _require_columns
+from radflow.lesions import (  # noqa: F401  (LESION_COLUMNS, LESIONS_TABLE: re-exported)
+    EXCLUDED_LESIONS_TABLE,
+    LESION_COLUMNS,
+    LESIONS_TABLE,
+    lesion_frame,
+    read_lesion_rows,
+)
 from radflow.tables import read_table, read_tsv, write_tsv
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -74,12 +81,6 @@ REASON_PATIENT_DIFFERS = "patient differs between rows of the case"
 REASON_LABEL_DIFFERS = "label differs between rows of the case"
 
 _SHARD_COLUMNS = [C.SERIES_PID, C.MODALITY, CHANNEL, ROLE, C.PATH]
-#: results/index/lesions.tsv: lesion centres in world millimetres (DICOM/ITK patient
-#: coordinates, LPS: x to the patient's left, y posterior, z head), as LUNA16 gives them.
-LESIONS_TABLE = "lesions.tsv"
-LESION_COLUMNS = [C.SERIES_PID, "coord_x_mm", "coord_y_mm", "coord_z_mm", C.DIAMETER_MM,
-                  "inside_image"]  # fmt: skip
-_LESION_INPUT = ("coordX", "coordY", "coordZ", "diameter_mm")
 _DETAILED = (REASON_UNREADABLE, REASON_UNSUPPORTED, REASON_MISSING_CHANNEL, REASON_CHANNEL_GRID,
              REASON_MASK_GRID)  # fmt: skip
 
@@ -334,6 +335,7 @@ def build_table_index(
     threads: int = 1,
     need_label: bool | None = None,
     lesions_table: str | os.PathLike | None = None,
+    excluded_lesions_table: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> IndexResult:
     """Index an images table: the DICOM index's tables, for image files (module docstring).
@@ -350,6 +352,9 @@ def build_table_index(
       lesion: the case column (data.columns.case; the patient column where the images
       table has no case column) and coordX, coordY, coordZ (world mm, LPS, as LUNA16)
       and diameter_mm. Joined to the cases into `IndexResult.extra[LESIONS_TABLE]`.
+    excluded_lesions_table: optional, the same form: findings that count neither as hit
+      nor as false positive (LUNA16's annotations_excluded.csv), into
+      `IndexResult.extra[EXCLUDED_LESIONS_TABLE]`.
     Raises ValueError, naming the table, column and line (never a value), on a malformed
     table; files and cases that cannot be used are quarantined, not raised.
     """
@@ -462,14 +467,18 @@ def build_table_index(
         "units_per_shard": [len({r[0] for r in shard_rows[k]}) for k in range(n_shards)],
         "positive_value": positive,
     }
-    if lesions_table:
-        lesions, lesion_counts = _join_lesions(lesions_table, columns, cases, channels[0], pseudo,
-                                               info_of, {r[C.SERIES_PID] for r in series_rows})  # fmt: skip
-        summary["lesions"] = lesion_counts
-    else:
-        lesions = pd.DataFrame(columns=LESION_COLUMNS)
+    extra = {}
+    kept = {r[C.SERIES_PID] for r in series_rows}
+    for name, path in ((LESIONS_TABLE, lesions_table),
+                       (EXCLUDED_LESIONS_TABLE, excluded_lesions_table)):  # fmt: skip
+        if path:
+            extra[name], counts = _join_lesions(path, columns, cases, channels[0], pseudo,
+                                                info_of, kept)  # fmt: skip
+            summary["lesions" if name == LESIONS_TABLE else "excluded_lesions"] = counts
+        else:
+            extra[name] = pd.DataFrame(columns=LESION_COLUMNS)
     return IndexResult(
-        extra={LESIONS_TABLE: lesions},
+        extra=extra,
         series=series,
         quarantine=q_results[[C.FILE_ID, C.SERIES_PID, C.REASON]].reset_index(drop=True),
         quarantine_paths=q_private[[C.FILE_ID, C.SERIES_PID, C.PATH, C.REASON]].reset_index(
@@ -485,25 +494,17 @@ def _join_lesions(lesions_table, columns: TableColumns, cases: dict, reference_c
                   pseudo, info_of: dict, kept: set[str]) -> tuple[pd.DataFrame, dict]:  # fmt: skip
     """The lesions table joined to the kept cases: (table of LESION_COLUMNS, counts).
     `inside_image` says whether the centre lies within the reference image's extent."""
-    table = read_table(lesions_table)
-    key = columns.case if columns.case in table.columns else columns.patient
-    _require_columns(table, lesions_table, [key, *_LESION_INPUT],
-                     "data.columns (the case or patient column) and coordX, coordY, "
-                     "coordZ, diameter_mm")  # fmt: skip
+    header = read_table(lesions_table).columns
+    key = columns.case if columns.case in header else columns.patient
     case_of_key: dict[str, str] = {}
     for case in cases.values():
         ident = case.case if key == columns.case else case.rows[0].patient
         case_of_key.setdefault(ident, case.case)
-    out, counts = [], {"n_lesions": len(table), "unmatched": 0, "case_left_out": 0,
+    rows = read_lesion_rows(lesions_table, key, "data.lesions_table")
+    out, counts = [], {"n_lesions": len(rows), "unmatched": 0, "case_left_out": 0,
                        "outside_image": 0}  # fmt: skip
-    for i, record in enumerate(table.to_dict("records")):
-        try:
-            world = [float(record[c]) for c in _LESION_INPUT[:3]]
-            diameter = float(record["diameter_mm"])
-        except ValueError:
-            raise ValueError(f"{lesions_table}: line {_line(i)}: coordX, coordY, coordZ and "
-                             "diameter_mm must be numbers (world millimetres)") from None  # fmt: skip
-        case = case_of_key.get(record[key])
+    for ident, world, diameter in rows:
+        case = case_of_key.get(ident)
         if case is None:
             counts["unmatched"] += 1
             continue
@@ -515,8 +516,7 @@ def _join_lesions(lesions_table, columns: TableColumns, cases: dict, reference_c
         inside = _inside(info_of[row.path][0], world)
         counts["outside_image"] += int(not inside)
         out.append((series_pid, *world, diameter, inside))
-    frame = pd.DataFrame(out, columns=LESION_COLUMNS)
-    return frame.sort_values(LESION_COLUMNS[:4], kind="stable").reset_index(drop=True), counts
+    return lesion_frame(out), counts
 
 
 def world_to_index(info: ImageInfo, world) -> np.ndarray:

@@ -43,7 +43,24 @@ def segmentation_headline(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def localization_headline(metrics: dict) -> str:
+    """The localisation evaluation's summary (radflow.tasks.localization.evaluation):
+    LUNA16's seven sensitivities and CPM with bootstrap CIs, per evaluation set."""
+    lines = []
+    for name, s in metrics["sets"].items():
+        lines.append(f"Localisation, {name} ({s['n_scans']} scans, {s['n_nodules']} nodules), "
+                     "LUNA16 FROC with 95% CIs (bootstrap over scans):")  # fmt: skip
+        for rate, sens, lo, hi in zip(s["fp_rates"], s["sensitivities"], s["ci_low"],
+                                      s["ci_high"], strict=True):  # fmt: skip
+            lines.append(f"  sensitivity at {rate:g} FP/scan".ljust(34) + f"{sens:.3f} ({lo:.3f}-{hi:.3f})")
+        lo, hi = s["cpm_ci_low"], s["cpm_ci_high"]
+        lines.append("  CPM".ljust(34) + f"{s['cpm']:.3f} ({lo:.3f}-{hi:.3f})")
+    return "\n".join(lines)
+
+
 def headline(metrics: dict) -> str:
+    if "sets" in metrics and "ensemble_test" not in metrics:
+        return localization_headline(metrics)
     if "ensemble_test" not in metrics and "headline" in metrics:
         return segmentation_headline(metrics)
     ens = metrics["ensemble_test"]

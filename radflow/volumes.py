@@ -290,12 +290,15 @@ def preprocess_volumes_shard(
     *,
     threads: int = 1,
     progress: bool = True,
+    lesions: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Preprocess every converted 3D case of one shard (module docstring) at the plan's
     target spacing, on `threads` processes (one case at a time each). Cases that are
     not 3D, or whose channel count is not the plan's, are listed in `skipped.tsv` with
-    the reason. Writes the arrays, then `skipped.tsv` and last `manifest.tsv` (a shard
-    folder with a manifest is complete); returns the manifest."""
+    the reason. `lesions` (radflow.lesions.read_index_lesions: centres in world mm):
+    carried into each case's preprocessed voxels, `lesions.tsv`. Writes the arrays, then
+    `skipped.tsv` (and `lesions.tsv`) and last `manifest.tsv` (a shard folder with a
+    manifest is complete); returns the manifest."""
     nifti_dir, out_dir = Path(nifti_dir), Path(out_dir)
     if settings.image_interpolation not in IMAGE_ORDERS:
         raise ValueError(f"preprocess.image_interpolation {settings.image_interpolation!r} "
@@ -326,6 +329,10 @@ def preprocess_volumes_shard(
         results = tqdm(results, total=len(jobs), desc="preprocess", unit="case", mininterval=2)
     manifest = pd.DataFrame(list(results), columns=MANIFEST_COLUMNS)
     write_tsv(pd.DataFrame(skipped, columns=[C.SERIES_PID, C.REASON]), out_dir / C.SKIPPED_TABLE)
+    if lesions is not None:
+        from radflow.lesions import PREPROCESSED_LESIONS, lesions_in_preprocessed
+
+        write_tsv(lesions_in_preprocessed(manifest, lesions), out_dir / PREPROCESSED_LESIONS)
     write_tsv(manifest, out_dir / C.MANIFEST)
     if skipped:
         print(f"preprocess: left out {len(skipped)} unit(s) (listed in {C.SKIPPED_TABLE})",

@@ -10,8 +10,8 @@ from radflow import conventions as C
 from radflow.config import check_config, preprocess_params
 from radflow.dicom.channels import CASE_KEYS
 from radflow.files import files_fingerprint, list_files, tree_fingerprint
+from radflow.lesions import EXCLUDED_LESIONS_TABLE, LESIONS_TABLE
 from radflow.images import (
-    LESIONS_TABLE,
     TableColumns,
     referenced_files,
     table_fingerprint,
@@ -159,6 +159,10 @@ def get_masks_input():
 
 def get_lesions_input():
     return config["data"].get("lesions_table") or []
+
+
+def get_excluded_lesions_input():
+    return config["data"].get("excluded_lesions_table") or []
 
 
 def get_split_table_input():

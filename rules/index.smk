@@ -6,6 +6,7 @@ checkpoint index:
         key=KEY_FILE,
         split_table=get_split_table_input(),
         lesions=get_lesions_input(),
+        excluded_lesions=get_excluded_lesions_input(),
         masks=get_masks_input(),
     output:
         series=f"{RESULTS}/index/{C.SERIES_TABLE}",
@@ -19,6 +20,7 @@ checkpoint index:
         summary=f"{RESULTS}/index/{C.INDEX_SUMMARY}",
         official_split=f"{RESULTS}/index/{OFFICIAL_SPLIT_TABLE}",
         lesions=f"{RESULTS}/index/{LESIONS_TABLE}",
+        excluded_lesions=f"{RESULTS}/index/{EXCLUDED_LESIONS_TABLE}",
         quarantine_paths=f"{PRIVATE}/{C.QUARANTINE_PATHS}",
         shard_files=expand(f"{PRIVATE}/{C.SHARD_INDEX_DIR}/{{shard}}.tsv", shard=SHARDS),
     log:

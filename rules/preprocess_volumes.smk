@@ -38,6 +38,9 @@ rule preprocess_volumes:
         nifti=f"{RESULTS}/nifti/{{shard}}",
         shard_files=get_shard_files,  # re-planned after the index (rules/common.smk)
         plan=get_preprocess_plan,  # re-planned after the plan (rules/common.smk)
+        # lesion centres (world mm), carried into each case's preprocessed voxels
+        lesions=f"{RESULTS}/index/{LESIONS_TABLE}",
+        excluded_lesions=f"{RESULTS}/index/{EXCLUDED_LESIONS_TABLE}",
     output:
         directory(f"{RESULTS}/preprocessed/{{shard}}"),
     log:

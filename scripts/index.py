@@ -31,6 +31,7 @@ with log_to(snakemake.log[0]):
             n_shards=snakemake.params.n_shards,
             threads=snakemake.threads,
             lesions_table=snakemake.input.lesions or None,
+            excluded_lesions_table=snakemake.input.excluded_lesions or None,
         )
         patient_column = columns.patient
     else:
@@ -42,6 +43,8 @@ with log_to(snakemake.log[0]):
             snakemake.input.labels or None,
             annotations_table=snakemake.input.annotations or None,
             masks_table=snakemake.input.masks or None,
+            lesions_table=snakemake.input.lesions or None,
+            excluded_lesions_table=snakemake.input.excluded_lesions or None,
             key=key,
             n_shards=snakemake.params.n_shards,
             threads=snakemake.threads,
@@ -50,10 +53,6 @@ with log_to(snakemake.log[0]):
             **{k: data[k] for k in CASE_KEYS if k in data},  # multi-series cases, masks
         )  # fmt: skip
         patient_column = data["patient_key"]
-    from radflow.images import LESION_COLUMNS, LESIONS_TABLE
-
-    # lesion centres in world mm: from an images table's lesions table, else none
-    result.extra.setdefault(LESIONS_TABLE, pd.DataFrame(columns=LESION_COLUMNS))
     result.write(
         Path(snakemake.output.series).parent, Path(snakemake.output.quarantine_paths).parent
     )

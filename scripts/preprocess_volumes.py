@@ -7,6 +7,7 @@ from pathlib import Path
 snakemake = globals()["snakemake"]
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this workflow's radflow
 
+from radflow.lesions import read_index_lesions
 from radflow.plan import read_plan
 from radflow.runlog import log_to
 from radflow.volumes import VolumeSettings, preprocess_volumes_shard
@@ -18,5 +19,6 @@ with log_to(snakemake.log[0]):
         read_plan(snakemake.input.plan),
         VolumeSettings.from_config(snakemake.params.preprocess),
         threads=snakemake.threads,
+        lesions=read_index_lesions(snakemake.input.lesions, snakemake.input.excluded_lesions),
     )
     print(f"preprocessed {len(manifest)} cases, {int(manifest['has_mask'].sum())} with a mask")

@@ -50,6 +50,12 @@ from radflow.labels import (  # noqa: F401
     read_labels,
     read_masks,
 )
+from radflow.lesions import (
+    EXCLUDED_LESIONS_TABLE,
+    LESIONS_TABLE,
+    join_dicom_lesion_tables,
+    lesions_summary_text,
+)
 from radflow.tables import read_table, read_tsv, write_bytes_atomic, write_tsv  # noqa: F401
 
 #: Reasons that end in file-specific details "(...)"; the summary counts them by prefix.
@@ -174,13 +180,15 @@ class IndexResult:
                 f"index: WARNING {s['n_label_keys_with_several_patients']} label keys occur "
                 f"with more than one {s['patient_key']}: check for merged patient records"
             )
-        if s.get("lesions"):
-            les = s["lesions"]
-            lines.append(
-                f"index: {les['n_lesions']} lesions ({les['unmatched']} match no case, "
-                f"{les['case_left_out']} of a case left out, {les['outside_image']} outside "
-                "their image)"
+        lesion_counts = {
+            name: s[key]
+            for name, key in (
+                (LESIONS_TABLE, "lesions"),
+                (EXCLUDED_LESIONS_TABLE, "excluded_lesions"),
             )
+            if s.get(key)
+        }
+        lines += lesions_summary_text(lesion_counts)
         if s.get("annotations"):
             a = s["annotations"]
             lines.append(
@@ -291,6 +299,20 @@ def _index_units(units, rows: _Rows, labels: dict[str, int], label_key: str,
         rows.patients_of_key[label_value].add(row[C.PATIENT_PID])
 
 
+SERIES_UID_KEYWORD = "SeriesInstanceUID"
+
+
+def series_have_lesions(records, lesions_table) -> dict[str, int]:
+    """Labels of a localisation study without a labels table: every indexed series
+    (its SeriesInstanceUID, the label key), 1 where the lesions table lists a lesion."""
+    from radflow.lesions import SERIES_KEY, read_lesion_rows
+
+    with_lesion = {uid for uid, _, _ in read_lesion_rows(lesions_table, SERIES_KEY,
+                                                          "data.lesions_table")}  # fmt: skip
+    return {rec.label_value: int(rec.label_value in with_lesion)
+            for rec in records if not rec.reason and rec.label_value}  # fmt: skip
+
+
 def build_index(
     dicom_root: str | os.PathLike,
     labels_table: str | os.PathLike | None,
@@ -308,6 +330,8 @@ def build_index(
     masks_key: str | None = None,
     masks_column: str = "mask",
     mask_labels: dict[str, int] | None = None,
+    lesions_table: str | os.PathLike | None = None,
+    excluded_lesions_table: str | os.PathLike | None = None,
     key: bytes,
     n_shards: int,
     threads: int = 1,
@@ -319,7 +343,9 @@ def build_index(
       dicom_root: folder tree of DICOM files (any names, any nesting; hidden files skipped).
       labels_table: CSV/TSV with columns `label_key` (a DICOM keyword whose header value
         identifies the labelled entity, e.g. AccessionNumber) and `label_column`. May be
-        None with a masks table (a segmentation study): every case's label is then -1.
+        None with a masks table (a segmentation study): every case's label is then -1;
+        or with a lesions table (localisation, label_key SeriesInstanceUID): a series's
+        label is then whether it holds a lesion (it stratifies the split).
       positive_value: label text that means 1; any other non-empty text means 0.
       patient_key: DICOM keyword identifying the patient (for patient-level splits).
       annotations_table: optional CSV/TSV keyed by `label_key` with row_px, col_px
@@ -334,6 +360,10 @@ def build_index(
         `case_key`, else `label_key`) with the path column `masks_column`; every case
         then needs one mask. Its files are not indexed as images. `mask_labels`
         ({SegmentLabel: value}) labels a DICOM SEG's segments (default: their numbers).
+      lesions_table, excluded_lesions_table: optional CSV/TSV of lesion centres and of
+        excluded findings in world mm, LUNA16's form (`seriesuid` = SeriesInstanceUID,
+        coordX, coordY, coordZ, diameter_mm; radflow.lesions), joined to the kept units
+        into `IndexResult.extra` (lesions.tsv, lesions_excluded.tsv).
       key: pseudonymisation key (conventions.load_or_create_key).
       n_shards: number of shards; each unit (case) goes to shard_of(series_pid, n_shards).
       threads: worker processes for header reading.
@@ -345,8 +375,12 @@ def build_index(
     _check_keyword(patient_key, "patient_key")
     if n_shards < 1:
         raise ValueError(f"n_shards must be >= 1, got {n_shards}")
-    if labels_table is None and masks_table is None:
-        raise ValueError("a DICOM tree needs a labels table, or a masks table (segmentation)")
+    if labels_table is None and masks_table is None and lesions_table is None:
+        raise ValueError("a DICOM tree needs a labels table, a masks table (segmentation) or "
+                         "a lesions table (localisation)")  # fmt: skip
+    if labels_table is None and masks_table is None and label_key != SERIES_UID_KEYWORD:
+        raise ValueError(f"without a labels table the lesions table's seriesuid is the key: "
+                         f"set data.label_key to {SERIES_UID_KEYWORD} (got {label_key})")  # fmt: skip
     settings = None
     if case_key or channels or masks_table:
         settings = CaseSettings.build(case_key, channels, channel_keyword, reference_channel)
@@ -380,6 +414,8 @@ def build_index(
         threads=threads,
         progress=progress,
     )
+    if labels is None and masks is None:
+        labels = series_have_lesions(records, lesions_table)
     pseudo = C.Pseudonyms(key)
     file_id = {rec.path: pseudo("file", rec.path) for rec in records}
 
@@ -496,7 +532,16 @@ def build_index(
             summary["channels"] = settings.names
     if annotations_table:
         summary["annotations"] = annotation_counts
+    lesion_tables, lesion_counts = join_dicom_lesion_tables(
+        {LESIONS_TABLE: lesions_table, EXCLUDED_LESIONS_TABLE: excluded_lesions_table},
+        units, rows.unit_of_sop, set(series[C.SERIES_PID]),
+    )  # fmt: skip
+    if lesions_table:
+        summary["lesions"] = lesion_counts[LESIONS_TABLE]
+    if excluded_lesions_table:
+        summary["excluded_lesions"] = lesion_counts[EXCLUDED_LESIONS_TABLE]
     return IndexResult(
+        extra=lesion_tables,
         series=series,
         quarantine=quarantine_table,
         quarantine_paths=quarantine_paths,

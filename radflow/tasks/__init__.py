@@ -1,7 +1,7 @@
 """Tasks: what differs between studies (the interface: `radflow.tasks.base.Task`).
 
-Built in: classification (`radflow.tasks.classification`) and segmentation
-(`radflow.tasks.segmentation.task`). A task of one's own is a
+Built in: classification (`radflow.tasks.classification`), segmentation
+(`radflow.tasks.segmentation.task`) and localization (`radflow.tasks.localization.task`). A task of one's own is a
 `Task` subclass in a module that registers it::
 
     from radflow.tasks import Task, register
@@ -34,6 +34,7 @@ from pathlib import Path
 from radflow.config import ConfigError
 from radflow.tasks.base import StageFile, Task
 from radflow.tasks.classification import BinaryClassification
+from radflow.tasks.localization.task import Localization
 from radflow.tasks.segmentation.task import Segmentation
 
 __all__ = [
@@ -137,3 +138,4 @@ def task_options(config: dict) -> dict:
 
 register(BinaryClassification)
 register(Segmentation)
+register(Localization)

@@ -35,7 +35,7 @@ probabilities are accumulated on that device and returned on the CPU as float32.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import combinations
 
 import numpy as np
@@ -70,7 +70,9 @@ def mirror_flips(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for k in range(len(axes) + 1) for combo in combinations(axes, k)]
 
 
-def _activation(name: str):
+def _activation(name):
+    if callable(name):  # a task's own (localisation: heatmap sigmoid, regressions as they are)
+        return name
     if name == "softmax":
         return lambda logits: logits.float().softmax(1)
     if name == "sigmoid":
@@ -87,7 +89,7 @@ def predict_volume(
     overlap: float = 0.5,
     sw_batch_size: int = 2,
     mirror_axes: Sequence[int] = (),
-    activation: str = "softmax",
+    activation: str | Callable[[torch.Tensor], torch.Tensor] = "softmax",
     background: float = 0.0,
     sigma_scale: float = GAUSSIAN_SIGMA_SCALE,
     device: torch.device | str = "cpu",
@@ -104,7 +106,8 @@ def predict_volume(
     sw_batch_size: windows per forward pass.
     mirror_axes: spatial axes (0 = the first after the channels) for test-time
         mirroring; () for none, (0, 1, 2) for nnU-Net's full mirroring in 3D.
-    activation: "softmax" (exclusive classes) or "sigmoid" (overlapping regions).
+    activation: "softmax" (exclusive classes), "sigmoid" (overlapping regions), or a
+        function of the logits giving the per-channel values to blend.
     background: the value padding a volume smaller than a window (0 for z-scored MRI).
     device, mixed_precision: see the module doc (mixed precision is used on CUDA only).
     """
