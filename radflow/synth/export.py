@@ -113,6 +113,25 @@ def study_fields(rng: np.random.Generator, study_index: int, station_prefix: str
     }
 
 
+def decimal_string(value: float, decimals: int = 4) -> str:
+    """A DICOM decimal string (DS) with at most `decimals` decimals."""
+    text = f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def later_time(hhmmss: str, minutes: float) -> str:
+    """A DICOM time (HHMMSS) `minutes` after `hhmmss`."""
+    t = dt.datetime(2000, 1, 1, int(hhmmss[:2]), int(hhmmss[2:4]), int(hhmmss[4:6]))
+    return (t + dt.timedelta(minutes=minutes)).strftime("%H%M%S")
+
+
+def patient_age(birth_date: str, study_date: str) -> str:
+    """The DICOM age string (e.g. "064Y") of a patient born on `birth_date` at
+    `study_date` (both YYYYMMDD)."""
+    age = int(study_date[:4]) - int(birth_date[:4]) - (study_date[4:] < birth_date[4:])
+    return f"{age:03d}Y"
+
+
 def dataset_from(fields: dict) -> Dataset:
     ds = Dataset()
     for keyword, value in fields.items():
