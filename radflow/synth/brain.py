@@ -93,11 +93,12 @@ from radflow.synth.export import (
     patient_identity,
     random_file_name,
     random_folder,
+    require_empty,
     study_fields,
     uid,
     write_csv,
-    write_dataset,
     write_junk,
+    write_series,
 )
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -521,11 +522,8 @@ def _write_case(args: tuple[BrainCohortSpec, int, str, str]) -> dict:
     flair = []
     for index, series in enumerate(plan.series):
         datasets = _slice_datasets(case, index, spec)
-        for ds, name in zip(datasets, series.file_names, strict=True):
-            path = out / "dicom" / series.folder / name
-            if path.exists():  # random names collide once in millions: say so, never overwrite
-                raise FileExistsError(f"{path} written twice; choose another seed")
-            write_dataset(ds, series.syntax, path)
+        paths = [out / "dicom" / series.folder / name for name in series.file_names]
+        write_series(datasets, series.syntax, paths)
         if index == 0:
             flair = datasets
     suffix = ".nii.gz" if label_form == "nifti" else ".dcm"
@@ -577,12 +575,7 @@ def synthesize_brain_cohort(
     """Write the cohort (module docstring) under `out_dir`, which must be empty or absent.
     `options`: the other `BrainCohortSpec` fields. Returns the paths written: "dicom"
     (folder), "labels_dir" (folder), "labels" and "lesions" (tables)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(
-            f"{out} already holds files; radflow does not write a synthetic cohort into an "
-            "existing folder. Point it at an empty one."
-        )
+    out = require_empty(out_dir)
     spec = BrainCohortSpec(n_patients=n_patients, seed=seed, scale=scale, **options)
     jobs = [(spec, p, form, str(out)) for p, form in enumerate(label_forms(spec))]
     cases = map_jobs(_write_case, jobs, workers=workers, progress=progress, unit="patient")

@@ -160,6 +160,27 @@ def write_dataset(ds: Dataset, syntax: str, path: Path) -> None:
     )
 
 
+def write_series(datasets: Iterable[Dataset], syntax: str, paths: Sequence[Path]) -> None:
+    """Save each dataset to its path (as `write_dataset`); a path already written (random
+    names collide once in millions) is an error, never overwritten."""
+    for ds, path in zip(datasets, paths, strict=True):
+        if path.exists():
+            raise FileExistsError(f"{path} written twice; choose another seed")
+        write_dataset(ds, syntax, path)
+
+
+def require_empty(folder: str | os.PathLike) -> Path:
+    """`folder` as a Path, after checking it is empty or absent: a synthetic cohort is
+    never written into an existing one."""
+    out = Path(folder)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} already holds files; radflow does not write a synthetic cohort into an "
+            "existing folder. Point it at an empty one."
+        )
+    return out
+
+
 def random_folder(rng: np.random.Generator) -> Path:
     """One to three nested folders with random hex names, as PACS exports write them."""
     depth = int(rng.integers(1, 4))
