@@ -10,6 +10,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from radflow.config import ConfigError, check_config
 from radflow.synth import chest, chest_phantom
 from radflow.synth.chest import (
     ANNOTATION_COLUMNS,
@@ -160,3 +161,16 @@ def test_no_header_field_depends_on_the_nodules(cohort, tmp_path):
         ]
         for (_, a), (_, b) in zip(items, without[series_uid], strict=True):
             assert a == b
+
+
+def test_the_lung_ct_cohort_needs_a_dicom_folder_named_dicom():
+    config = {
+        "data": {"dicom_root": "data/demo-lung/images", "labels_table": "y"},
+        "synthesize": {"enabled": True, "cohort": "lung_ct", "min_matrix_px": 64,
+                       "max_matrix_px": 64},
+        "deid": {"key_file": "private/k", "private_dir": "private"},
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match="lung_ct cohort writes its DICOM to a folder named"):
+        check_config(config)
+    config["data"]["dicom_root"] = "data/demo-lung/dicom"
+    check_config(config)  # no annotations_table needed: the tables lie beside the DICOM
