@@ -29,18 +29,12 @@ with log_to(snakemake.log[0]):
     elif settings["cohort"] == "lung_ct":
         from radflow.synth.chest import synthesize_chest_cohort
 
-        lung = settings["lung"]
-        synthesize_chest_cohort(
+        synthesize_chest_cohort(  # synthesize.lung's keys are the function's options
             Path(snakemake.output.dicom).parent,
             settings["n_patients"],
             settings["seed"],
             workers=snakemake.threads,
-            progress=True,
-            scale=lung["scale"],
-            nodule_diameter_mm=tuple(lung["nodule_diameter_mm"]),
-            max_nodules=lung["max_nodules"],
-            slab_mm=lung["slab_mm"],
-            n_junk_files=lung["n_junk_files"],
+            **settings["lung"],
         )
         print(f"synthesized {settings['n_patients']} chest CT series")
     else:
