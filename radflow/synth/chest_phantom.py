@@ -377,7 +377,7 @@ def build_phantom(
     hu = hu * (1 - vertebra) + vertebra * spine_hu
     canal_r = np.sqrt(x * x + (y - th.spine_y_mm - th.spine_radius_mm - 9) ** 2)
     arch = _inside(15 - canal_r, g) * (1 - disc)
-    hu = hu * (1 - arch) + arch * 600 + _inside(7 - canal_r, g) * (20 - 600)
+    hu = hu * (1 - arch) + arch * 600 + _inside(7 - canal_r, g) * (1 - disc) * (20 - 600)
     del spine_r, vertebra, cortex, spine_hu, canal_r, arch
     # the lungs, with texture and a posterior (dependent) rise, and their vessels
     lung_depth, _ = lung_depth_mm(th, x, y, z)
