@@ -178,7 +178,14 @@ def check_config(config: dict, task=None) -> None:
                 f"data.masks_table: the brain_mri cohort writes its masks table to "
                 f"{str(expected)!r}; set data.masks_table to it"
             )
-    if synthetic and not brain and not data.get("annotations_table"):
+    lung = synthetic and synth.get("cohort") == "lung_ct"
+    if lung and Path(data.get("dicom_root") or "").name != "dicom":
+        problems.append(
+            f"data.dicom_root: the lung_ct cohort writes its DICOM to a folder named 'dicom' "
+            f"(its annotation tables beside it); got {data.get('dicom_root')!r}, use e.g. "
+            "data/demo-lung/dicom"
+        )
+    if synthetic and not brain and not lung and not data.get("annotations_table"):
         problems.append(
             "data.annotations_table: synthesize.enabled writes the lesion ground truth there; "
             "set a path such as data/demo/lesions.csv"

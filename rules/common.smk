@@ -58,6 +58,8 @@ KEY_FILE = config["deid"]["key_file"]
 SYNTHETIC = config["synthesize"]["enabled"]
 # The brain MR demo cohort's folder: data.dicom_root's parent (rules/synthesize.smk).
 BRAIN_COHORT = os.path.dirname(os.path.normpath(config["data"]["dicom_root"] or "."))
+# The lung CT demo cohort's folder: the same, data.dicom_root's parent.
+LUNG_COHORT = BRAIN_COHORT
 # The study's input: a DICOM tree, or an images table (one row per image file).
 IMAGES_TABLE = config["data"].get("images_table")
 TABLE_COLUMNS = TableColumns.from_config(config["data"].get("columns"))

@@ -40,3 +40,26 @@ if SYNTHETIC and config["synthesize"]["cohort"] == "brain_mri":
             cohort=config["synthesize"],
         script:
             "../scripts/synthesize.py"
+
+
+# The nodule-localisation demo: chest CT series, LUNA16-form annotations and a labels
+# table (radflow/synth/chest.py), all in the folder above data.dicom_root.
+if SYNTHETIC and config["synthesize"]["cohort"] == "lung_ct":
+
+    rule synthesize:
+        output:
+            dicom=directory(config["data"]["dicom_root"]),
+            annotations=f"{LUNG_COHORT}/annotations.csv",
+            excluded=f"{LUNG_COHORT}/annotations_excluded.csv",
+            seriesuids=f"{LUNG_COHORT}/seriesuids.csv",
+        log:
+            f"{LOGS}/synthesize.log",
+        conda:
+            "../envs/dicom.yaml"
+        threads: get_threads("synthesize")
+        resources:
+            **get_resources("synthesize"),
+        params:
+            cohort=config["synthesize"],
+        script:
+            "../scripts/synthesize.py"

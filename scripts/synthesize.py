@@ -26,10 +26,22 @@ with log_to(snakemake.log[0]):
             n_junk_files=brain["n_junk_files"],
         )
         print(f"synthesized {settings['n_patients']} brain MR studies")
+    elif settings["cohort"] == "lung_ct":
+        from radflow.synth.chest import synthesize_chest_cohort
+
+        synthesize_chest_cohort(  # synthesize.lung's keys are the function's options
+            Path(snakemake.output.dicom).parent,
+            settings["n_patients"],
+            settings["seed"],
+            workers=snakemake.threads,
+            **settings["lung"],
+        )
+        print(f"synthesized {settings['n_patients']} chest CT series")
     else:
         from radflow.synth.cohort import CohortSpec, synthesize_cohort
 
-        cohort = {k: v for k, v in settings.items() if k not in ("enabled", "cohort", "brain")}
+        skip = ("enabled", "cohort", "brain", "lung")
+        cohort = {k: v for k, v in settings.items() if k not in skip}
         counts = synthesize_cohort(
             snakemake.output.dicom,
             snakemake.output.labels,

@@ -1,7 +1,6 @@
 """The segmentation demo's cohort: two-channel brain MR as real DICOM, ground truth that
 lines up with the converted reference series, labels that headers cannot give away."""
 
-import hashlib
 import re
 from collections import defaultdict
 
@@ -28,6 +27,7 @@ from radflow.synth.brain_truth import SEGMENT_NAMES, dcm2niix_grid
 from radflow.synth.export import GIVEN_NAMES, INSTITUTIONS, SURNAMES, uid
 
 from dcm2niix_reference import run_dcm2niix
+from synth_cohort import tree_digest
 
 N_PATIENTS, SEED, SCALE = 8, 1, 3.0  # scale 3: ~3 mm pixels, fast; the geometry is the same
 
@@ -49,14 +49,6 @@ def series(cohort):
     return {
         series_uid: [(p, pydicom.dcmread(p, stop_before_pixels=True)) for p in paths]
         for series_uid, paths in found.items()
-    }
-
-
-def _digest(folder):
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
     }
 
 
@@ -96,7 +88,7 @@ def _cases(series):
 def test_same_seed_writes_identical_files_whatever_the_worker_count(cohort, tmp_path):
     again = tmp_path / "again"
     synthesize_brain_cohort(again, N_PATIENTS, SEED, workers=1, scale=SCALE)
-    assert _digest(again) == _digest(cohort)
+    assert tree_digest(again) == tree_digest(cohort)
 
 
 def test_each_study_is_one_case_of_two_channels_picked_by_description(series):

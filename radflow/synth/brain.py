@@ -73,7 +73,6 @@ carry no information about the label.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,19 +82,23 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from radflow.synth import brain_phantom
-from radflow.synth.brain_phantom import SliceGeometry
+from radflow.synth.brain_phantom import SliceGeometry, rotation_matrix
 from radflow.synth.brain_truth import write_label_nifti, write_label_seg
 from radflow.synth.export import (
     dataset_from,
+    decimal_string,
+    later_time,
     map_jobs,
+    patient_age,
     patient_identity,
     random_file_name,
     random_folder,
+    require_empty,
     study_fields,
     uid,
     write_csv,
-    write_dataset,
     write_junk,
+    write_series,
 )
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -259,18 +262,6 @@ def label_forms(spec: BrainCohortSpec) -> list[str]:
 
 
 # ---------------------------------------------------------------------- header draws
-def _ds(value: float, decimals: int = 4) -> str:
-    """A DICOM decimal string with at most `decimals` decimals."""
-    text = f"{value:.{decimals}f}".rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
-
-
-def _rotation(axis: np.ndarray, angle_rad: float) -> np.ndarray:
-    axis = axis / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle_rad) * k + (1 - np.cos(angle_rad)) * k @ k
-
-
 def _draw_geometry(
     rng: np.random.Generator, contrast: str, head_centre, scale: float
 ) -> tuple[str, str, SliceGeometry]:
@@ -302,7 +293,7 @@ def _draw_geometry(
     if orientation == "oblique":
         azimuth = np.deg2rad(rng.uniform(-30, 30))
         tilt = np.deg2rad(rng.uniform(5, 20) * rng.choice([-1, 1]))
-        turn = _rotation(np.array([np.cos(azimuth), np.sin(azimuth), 0.0]), tilt)
+        turn = rotation_matrix(np.array([np.cos(azimuth), np.sin(azimuth), 0.0]), tilt)
         row, col = turn @ row, turn @ col
     row, col = np.round(row, _COSINE_DECIMALS) + 0.0, np.round(col, _COSINE_DECIMALS) + 0.0
     normal = np.cross(row, col)
@@ -328,8 +319,8 @@ def _draw_geometry(
 def _draw_sequence(rng: np.random.Generator, contrast: str, acquisition: str, scanner) -> dict:
     fixed, ranges, echo_train = _SEQUENCES[contrast, acquisition]
     fields = {
-        "MagneticFieldStrength": _ds(scanner.field_strength_t, 1),
-        "ImagingFrequency": _ds(42.577478 * scanner.field_strength_t, 6),
+        "MagneticFieldStrength": decimal_string(scanner.field_strength_t, 1),
+        "ImagingFrequency": decimal_string(42.577478 * scanner.field_strength_t, 6),
         "ImagedNucleus": "1H",
         "MRAcquisitionType": acquisition,
         "NumberOfAverages": "1",
@@ -337,15 +328,10 @@ def _draw_sequence(rng: np.random.Generator, contrast: str, acquisition: str, sc
         "EchoTrainLength": int(rng.integers(*echo_train)),
     }
     for keyword, (low, high, decimals) in ranges.items():
-        fields[keyword] = _ds(rng.uniform(low, high), decimals)
+        fields[keyword] = decimal_string(rng.uniform(low, high), decimals)
     if contrast == "t1post":
         fields.update(ContrastBolusAgent=str(rng.choice(_AGENTS)), ContrastBolusRoute="IV")
     return fields
-
-
-def _later(hhmmss: str, minutes: float) -> str:
-    t = dt.datetime(2000, 1, 1, int(hhmmss[:2]), int(hhmmss[2:4]), int(hhmmss[4:6]))
-    return (t + dt.timedelta(minutes=minutes)).strftime("%H%M%S")
 
 
 def plan_case(
@@ -386,7 +372,7 @@ def plan_case(
                 acquisition=acquisition,
                 geometry=geometry,
                 series_number=int(rng.integers(2, 6)) + 6 * n,
-                series_time=_later(study["StudyTime"], 4 + 12 * n + rng.uniform(0, 6)),
+                series_time=later_time(study["StudyTime"], 4 + 12 * n + rng.uniform(0, 6)),
                 syntax=ImplicitVRLittleEndian if rng.random() < 0.2 else ExplicitVRLittleEndian,
                 folder=study_folder / f"{rng.integers(16**4):04X}",
                 file_names=tuple(random_file_name(rng) for _ in range(n_slices)),
@@ -456,8 +442,7 @@ def _slice_datasets(case: Case, series_index: int, spec: BrainCohortSpec) -> lis
     plan, series = case.plan, case.plan.series[series_index]
     scanner, geometry = plan.scanner, series.geometry
     series_uid = uid(spec.seed, "series", plan.patient_index, series.contrast)
-    birth, study_date = plan.identity["PatientBirthDate"], plan.study["StudyDate"]
-    age = int(study_date[:4]) - int(birth[:4]) - (study_date[4:] < birth[4:])
+    study_date = plan.study["StudyDate"]
     common = {
         **plan.identity,
         **plan.study,
@@ -465,7 +450,7 @@ def _slice_datasets(case: Case, series_index: int, spec: BrainCohortSpec) -> lis
         "ContentTime": series.series_time,
         "AcquisitionDate": study_date,
         "AcquisitionTime": series.series_time,
-        "PatientAge": f"{age:03d}Y",
+        "PatientAge": patient_age(plan.identity["PatientBirthDate"], study_date),
         "SOPClassUID": MR_IMAGE_STORAGE,
         "StudyInstanceUID": plan.study_uid,
         "SeriesInstanceUID": series_uid,
@@ -483,11 +468,15 @@ def _slice_datasets(case: Case, series_index: int, spec: BrainCohortSpec) -> lis
         "PatientPosition": "HFS",
         "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"],
         **series.sequence,
-        "SliceThickness": _ds(geometry.thickness_mm, 3),
-        "SpacingBetweenSlices": _ds(geometry.slice_step_mm, 3),
-        "PixelSpacing": [_ds(geometry.row_spacing_mm), _ds(geometry.col_spacing_mm)],
+        "SliceThickness": decimal_string(geometry.thickness_mm, 3),
+        "SpacingBetweenSlices": decimal_string(geometry.slice_step_mm, 3),
+        "PixelSpacing": [
+            decimal_string(geometry.row_spacing_mm),
+            decimal_string(geometry.col_spacing_mm),
+        ],
         "ImageOrientationPatient": [
-            _ds(v, _COSINE_DECIMALS) for v in (*geometry.row_cosine, *geometry.col_cosine)
+            decimal_string(v, _COSINE_DECIMALS)
+            for v in (*geometry.row_cosine, *geometry.col_cosine)
         ],
         "Rows": geometry.shape[1],
         "Columns": geometry.shape[2],
@@ -497,12 +486,14 @@ def _slice_datasets(case: Case, series_index: int, spec: BrainCohortSpec) -> lis
         "BitsStored": scanner.bits_stored,
         "HighBit": scanner.bits_stored - 1,
         "PixelRepresentation": scanner.pixel_representation,
-        "WindowCenter": _ds(series.window[0], 0),
-        "WindowWidth": _ds(series.window[1], 0),
+        "WindowCenter": decimal_string(series.window[0], 0),
+        "WindowWidth": decimal_string(series.window[1], 0),
     }
     if series.rescale_slope is not None:
         common.update(
-            RescaleSlope=_ds(series.rescale_slope), RescaleIntercept="0", RescaleType="US"
+            RescaleSlope=decimal_string(series.rescale_slope),
+            RescaleIntercept="0",
+            RescaleType="US",
         )
     normal = geometry.normal
     template = dataset_from(common)  # built (and its values checked) once per series
@@ -512,8 +503,8 @@ def _slice_datasets(case: Case, series_index: int, spec: BrainCohortSpec) -> lis
         ds.update(template)
         ds.SOPInstanceUID = uid(spec.seed, "sop", plan.patient_index, series.contrast, k)
         ds.InstanceNumber = series.instance_numbers[k]
-        ds.ImagePositionPatient = [_ds(v, _POSITION_DECIMALS) for v in position]
-        ds.SliceLocation = _ds(float(position @ normal))
+        ds.ImagePositionPatient = [decimal_string(v, _POSITION_DECIMALS) for v in position]
+        ds.SliceLocation = decimal_string(float(position @ normal))
         ds.PixelData = (
             case.pixels[series_index][k]
             .astype("<i2" if scanner.pixel_representation else "<u2")
@@ -531,11 +522,8 @@ def _write_case(args: tuple[BrainCohortSpec, int, str, str]) -> dict:
     flair = []
     for index, series in enumerate(plan.series):
         datasets = _slice_datasets(case, index, spec)
-        for ds, name in zip(datasets, series.file_names, strict=True):
-            path = out / "dicom" / series.folder / name
-            if path.exists():  # random names collide once in millions: say so, never overwrite
-                raise FileExistsError(f"{path} written twice; choose another seed")
-            write_dataset(ds, series.syntax, path)
+        paths = [out / "dicom" / series.folder / name for name in series.file_names]
+        write_series(datasets, series.syntax, paths)
         if index == 0:
             flair = datasets
     suffix = ".nii.gz" if label_form == "nifti" else ".dcm"
@@ -551,7 +539,7 @@ def _write_case(args: tuple[BrainCohortSpec, int, str, str]) -> dict:
             sop_uid=uid(spec.seed, "seg", patient_index),
             dimension_uid=uid(spec.seed, "seg-dimensions", patient_index),
             date=plan.study["StudyDate"],
-            time=_later(plan.study["StudyTime"], 90),  # read after the examination
+            time=later_time(plan.study["StudyTime"], 90),  # read after the examination
         )
     return {
         "study_uid": plan.study_uid,
@@ -587,12 +575,7 @@ def synthesize_brain_cohort(
     """Write the cohort (module docstring) under `out_dir`, which must be empty or absent.
     `options`: the other `BrainCohortSpec` fields. Returns the paths written: "dicom"
     (folder), "labels_dir" (folder), "labels" and "lesions" (tables)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(
-            f"{out} already holds files; radflow does not write a synthetic cohort into an "
-            "existing folder. Point it at an empty one."
-        )
+    out = require_empty(out_dir)
     spec = BrainCohortSpec(n_patients=n_patients, seed=seed, scale=scale, **options)
     jobs = [(spec, p, form, str(out)) for p, form in enumerate(label_forms(spec))]
     cases = map_jobs(_write_case, jobs, workers=workers, progress=progress, unit="patient")

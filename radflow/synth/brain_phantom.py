@@ -163,6 +163,13 @@ class SliceGeometry:
         return np.asarray(self.origin_lps) + k * self.slice_step_mm * self.normal
 
 
+def rotation_matrix(axis: np.ndarray, angle_rad: float) -> np.ndarray:
+    """The 3x3 rotation by `angle_rad` about `axis` (Rodrigues)."""
+    axis = axis / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle_rad) * k + (1 - np.cos(angle_rad)) * k @ k
+
+
 # ---------------------------------------------------------------------------- drawing
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     q, r = np.linalg.qr(rng.standard_normal((3, 3)))
@@ -518,6 +525,13 @@ def bias_field(geometry: SliceGeometry, centre_lps, coefficients: np.ndarray) ->
     return np.exp(poly).astype(np.float32)
 
 
+def sample_volume(phantom: Phantom, volume: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
+    """`volume` (on the phantom's grid) at the voxels of `geometry` (slices, rows, columns),
+    float32: trilinear, averaged over each slice's thickness, 0 outside the grid."""
+    matrix, offset = _grid_transform(phantom, geometry)
+    return _sample(volume, matrix, offset, _slab_offsets(phantom, geometry), geometry.shape)
+
+
 def sample_series(
     phantom: Phantom,
     contrast: str,
@@ -529,9 +543,7 @@ def sample_series(
     """The magnitude image (slices, rows, columns) float32 of `contrast` on `geometry`:
     the phantom's signal averaged over each slice's thickness, times `bias`, with Rician
     noise (the magnitude of complex Gaussian noise of `noise_sigma` per channel)."""
-    matrix, offset = _grid_transform(phantom, geometry)
-    shifts = _slab_offsets(phantom, geometry)
-    clean = _sample(phantom.signal[contrast], matrix, offset, shifts, geometry.shape) * bias
+    clean = sample_volume(phantom, phantom.signal[contrast], geometry) * bias
     real = clean + noise_sigma * rng.standard_normal(geometry.shape, dtype=np.float32)
     imaginary = noise_sigma * rng.standard_normal(geometry.shape, dtype=np.float32)
     return np.sqrt(real * real + imaginary * imaginary)

@@ -113,6 +113,25 @@ def study_fields(rng: np.random.Generator, study_index: int, station_prefix: str
     }
 
 
+def decimal_string(value: float, decimals: int = 4) -> str:
+    """A DICOM decimal string (DS) with at most `decimals` decimals."""
+    text = f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def later_time(hhmmss: str, minutes: float) -> str:
+    """A DICOM time (HHMMSS) `minutes` after `hhmmss`."""
+    t = dt.datetime(2000, 1, 1, int(hhmmss[:2]), int(hhmmss[2:4]), int(hhmmss[4:6]))
+    return (t + dt.timedelta(minutes=minutes)).strftime("%H%M%S")
+
+
+def patient_age(birth_date: str, study_date: str) -> str:
+    """The DICOM age string (e.g. "064Y") of a patient born on `birth_date` at
+    `study_date` (both YYYYMMDD)."""
+    age = int(study_date[:4]) - int(birth_date[:4]) - (study_date[4:] < birth_date[4:])
+    return f"{age:03d}Y"
+
+
 def dataset_from(fields: dict) -> Dataset:
     ds = Dataset()
     for keyword, value in fields.items():
@@ -139,6 +158,27 @@ def write_dataset(ds: Dataset, syntax: str, path: Path) -> None:
         little_endian=True,
         enforce_file_format=True,
     )
+
+
+def write_series(datasets: Iterable[Dataset], syntax: str, paths: Sequence[Path]) -> None:
+    """Save each dataset to its path (as `write_dataset`); a path already written (random
+    names collide once in millions) is an error, never overwritten."""
+    for ds, path in zip(datasets, paths, strict=True):
+        if path.exists():
+            raise FileExistsError(f"{path} written twice; choose another seed")
+        write_dataset(ds, syntax, path)
+
+
+def require_empty(folder: str | os.PathLike) -> Path:
+    """`folder` as a Path, after checking it is empty or absent: a synthetic cohort is
+    never written into an existing one."""
+    out = Path(folder)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} already holds files; radflow does not write a synthetic cohort into an "
+            "existing folder. Point it at an empty one."
+        )
+    return out
 
 
 def random_folder(rng: np.random.Generator) -> Path:
