@@ -249,7 +249,9 @@ PREDICTION_FILES = f"{RESULTS}/predict/fold{{fold}}"
 # DICOM input of a task that writes prediction files: it also writes those that
 # reference the source series (segmentation: DICOM SEG), into the private folder, since
 # they carry the source's UIDs.
-DICOM_PREDICTIONS = TASK.prediction_files and not IMAGES_TABLE
+DICOM_PREDICTIONS = (
+    TASK.prediction_files and TASK.prediction_references_source and not IMAGES_TABLE
+)
 PRIVATE_PREDICTIONS = f"{PRIVATE}/predict/fold{{fold}}"
 
 

@@ -104,6 +104,10 @@ class Task(ABC):
     #: Whether `predict_cases` writes files of its own (e.g. masks) into the fold's
     #: folder results/predict/fold<k>/, which the predict rule then declares.
     prediction_files: ClassVar[bool] = False
+    #: Whether, for DICOM input, `predict_cases` also writes files that reference the
+    #: source series (segmentation: DICOM SEG) into the private folder; the predict
+    #: stage then hands it the source files (`source_files`, `private_dir`).
+    prediction_references_source: ClassVar[bool] = False
     #: The config section of the task's own settings (e.g. "segmentation"), handed to
     #: the task as `options` by every stage; None: the task has none.
     options_key: ClassVar[str | None] = None

@@ -252,6 +252,7 @@ class Segmentation(Task):
     monitor_axis = "Dice of validation patches (fraction)"
     preprocessed_layout = C.LAYOUT_VOLUMES
     prediction_files = True
+    prediction_references_source = True  # DICOM SEG
     options_key = "segmentation"
     needs_test_set = False  # the out-of-fold predictions are evaluated too
 
