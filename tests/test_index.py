@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from radflow import conventions as C
-from radflow.lesions import EXCLUDED_LESIONS_TABLE, LESIONS_TABLE
 from radflow.dicom.index import (
     REASON_DICOMDIR,
     REASON_DUPLICATE,
@@ -21,6 +20,7 @@ from radflow.dicom.index import (
     list_files,
     read_labels,
 )
+from radflow.lesions import EXCLUDED_LESIONS_TABLE, LESIONS_TABLE
 
 from dicom_factory import (
     PHI_MARKER,

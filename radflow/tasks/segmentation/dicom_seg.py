@@ -261,8 +261,8 @@ def reference_files(tables, dicom_root: str) -> dict[str, list[str]]:
     for table in tables:
         table = read_tsv(table) if not isinstance(table, pd.DataFrame) else table
         if C.ROLE not in table.columns:  # single-series units: every file is an image
-        table = table.assign(**{C.ROLE: C.ROLE_IMAGE})
-    images = table[table[C.ROLE].fillna(C.ROLE_IMAGE).replace("", C.ROLE_IMAGE) == C.ROLE_IMAGE]
+            table = table.assign(**{C.ROLE: C.ROLE_IMAGE})
+        images = table[table[C.ROLE].fillna(C.ROLE_IMAGE).replace("", C.ROLE_IMAGE) == C.ROLE_IMAGE]
         for series_pid, group in images.groupby(C.SERIES_PID, sort=True):
             channel = group[C.CHANNEL].fillna("").iloc[0] if C.CHANNEL in group else ""
             if channel:
