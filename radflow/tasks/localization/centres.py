@@ -38,6 +38,9 @@ MAX_NODULES = 254
 MIN_VISIBLE_FRACTION = 0.6
 N_OUTPUTS = 5  # heatmap, offset z, y, x, log diameter (voxels)
 SIZE_WEIGHT = 0.1
+#: Initial heatmap probability of every voxel (the head's bias): CenterNet's 0.1 is for
+#: 2D maps at stride 4; a 3D map at stride 1 has ~10^5 negatives per centre.
+HEATMAP_PRIOR = 0.001
 OFFSET_WEIGHT = 1.0
 
 

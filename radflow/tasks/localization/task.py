@@ -248,9 +248,18 @@ class Localization(Task):
         from radflow.models.unet import build_unet
         from radflow.tasks.localization.centres import N_OUTPUTS
 
+        import torch
+
+        from radflow.tasks.localization.centres import HEATMAP_PRIOR
+
         if spatial_dims != 3:
             raise ConfigError(f"task localization takes 3D images, got {spatial_dims}D")
-        return build_unet(model, in_channels=in_channels, n_classes=N_OUTPUTS, spatial_dims=3)
+        net = build_unet(model, in_channels=in_channels, n_classes=N_OUTPUTS, spatial_dims=3)
+        # CenterNet's start: every voxel a centre with probability HEATMAP_PRIOR, so the
+        # focal loss of the (almost all negative) voxels does not swamp the first steps
+        with torch.no_grad():
+            net.head.bias[0] = -float(np.log((1 - HEATMAP_PRIOR) / HEATMAP_PRIOR))
+        return net
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         from radflow.tasks.localization.centres import centre_loss
