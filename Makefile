@@ -14,13 +14,14 @@ TORCH_GPU ?= torch>=2.4
 TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: demo demo-segmentation demo-localization brats ablation test test-fast lint report readme-result clean help
+.PHONY: demo demo-segmentation demo-localization lidc-localization brats ablation test test-fast lint report readme-result clean help
 
 help:
 	@echo "make demo  - install into $(VENV) and run the study on the synthetic cohort"
 	@echo "make test  - install into $(VENV) and run the tests"
 	@echo "make demo-segmentation - the 3D segmentation demo (synthetic brain MR) in studies/segmentation/"
 	@echo "make demo-localization - the 3D localisation demo (synthetic chest CT, LUNA16 FROC) in studies/localization/"
+	@echo "make lidc-localization - the localisation demo's models on the real LIDC slabs, scored against LUNA16"
 	@echo "make brats - segmentation of the real BraTS cases in ../shared/data (studies/brats/)"
 	@echo "make ablation - the demo's plain vs residual networks by depth (README), its report"
 	@echo "make test-fast - the inner loop: every test but the full-DAG runs and SLURM"
@@ -61,6 +62,14 @@ demo-localization: $(VENV)/.installed
 	$(call study,$(LOC_STUDY),lung_ct_localization.yaml) --cores $(CORES) --resources gpu=1
 	$(call study,$(LOC_STUDY),lung_ct_localization.yaml) --cores 1 --report results/report.html
 	@$(BIN)/python -m radflow.summary $(LOC_STUDY)/results/evaluate/metrics.json
+
+LIDC_DATA ?= ../shared/data/lidc
+LUNA16_DATA ?= ../shared/data/luna16
+lidc-localization: $(VENV)/.installed
+	test -f $(LOC_STUDY)/results/train/fold0/model.pt || $(MAKE) demo-localization
+	$(BIN)/python -m radflow.tasks.localization.apply $(LOC_STUDY) $(LIDC_DATA) $(LOC_STUDY)/lidc --config config/examples/lung_ct_localization.yaml
+	$(BIN)/python -m radflow.lidc $(LIDC_DATA) $(LOC_STUDY)/lidc/lidc_annotations.csv
+	$(BIN)/python -m radflow.luna16 $(LUNA16_DATA)/annotations.csv $(LUNA16_DATA)/annotations_excluded.csv $(LOC_STUDY)/lidc/seriesuids.csv $(LOC_STUDY)/lidc/candidates.csv --out $(LOC_STUDY)/lidc/froc
 
 brats: $(VENV)/.installed
 	$(BIN)/python -m radflow.brats $(BRATS_DATA) $(BRATS_STUDY)/data/brats/images.tsv

@@ -119,3 +119,48 @@ def test_no_planted_phi_or_uid_in_results(study):
         blob, rel = text_of(path), str(path.relative_to(study))
         leaks += [f"{rel}: {v}" for v in phi | uids if v.encode() in blob or v in rel]
     assert not leaks, "PHI found in results:\n" + "\n".join(leaks[:20])
+
+
+LIDC = REPO.parent / "shared" / "data" / "lidc"
+
+
+@pytest.mark.skipif(not LIDC.is_dir(), reason="../shared/data/lidc is absent")
+def test_trained_models_apply_to_real_lidc_slabs_in_world_mm(study, tmp_path):
+    """The study's fold models on the real LIDC-IDRI slabs (DICOM outside the study):
+    candidates in world mm (LPS) inside each slab's extent, keyed by its real
+    SeriesInstanceUID, and scored by radflow.luna16 against LUNA16's annotations."""
+    import pydicom
+
+    from radflow.luna16 import read_annotations as read_luna
+    from radflow.tasks.localization.apply import main
+
+    config = tmp_path / "apply.yaml"
+    # an untrained-looking 2-step model: a low threshold so that candidates exist
+    config.write_text(yaml.safe_dump({**TINY, "localization": {**TINY["localization"],
+                                                              "threshold": 1e-4}}))  # fmt: skip
+    assert main([str(study), str(LIDC), str(tmp_path / "out"), "--config", str(config)]) == 0
+    candidates = read_candidates(tmp_path / "out" / "candidates.csv")
+    extent = {}
+    for path in LIDC.rglob("*"):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - the XML files
+            continue
+        corners = [np.asarray(ds.ImagePositionPatient, float)]
+        row, col = np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(
+            ds.ImageOrientationPatient[3:], float)  # fmt: skip
+        spacing = np.asarray(ds.PixelSpacing, float)
+        corners.append(corners[0] + row * spacing[1] * (ds.Columns - 1)
+                       + col * spacing[0] * (ds.Rows - 1))  # fmt: skip
+        lo, hi = extent.get(ds.SeriesInstanceUID, (np.full(3, np.inf), np.full(3, -np.inf)))
+        extent[ds.SeriesInstanceUID] = (np.minimum(lo, np.min(corners, 0)),
+                                        np.maximum(hi, np.max(corners, 0)))  # fmt: skip
+    assert set(candidates["seriesuid"]) <= set(extent) and len(candidates)
+    for record in candidates.to_dict("records"):
+        lo, hi = extent[record["seriesuid"]]
+        world = np.array([record["coordX"], record["coordY"], record["coordZ"]])
+        assert np.all(world >= lo - 3.0) and np.all(world <= hi + 3.0), (world, lo, hi)
+    luna = REPO.parent / "shared" / "data" / "luna16"
+    result = score(read_luna(luna / "annotations.csv"), read_luna(luna / "annotations_excluded.csv"),
+                   read_seriesuids(tmp_path / "out" / "seriesuids.csv"), candidates, n_boot=10)  # fmt: skip
+    assert result.n_scans == 3 and result.n_nodules == 4  # LUNA16's nodules of the 3 scans

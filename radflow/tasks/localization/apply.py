@@ -10,7 +10,8 @@ the study's plan (its spacing) and the config's `preprocess:` keys, run through 
 fold model (sliding windows, heatmap peaks, NMS) and the models' candidates merged as
 the study's test ensemble. OUT_DIR/candidates.csv is in LUNA16's submission form
 (seriesuid = the SeriesInstanceUID, coordX, coordY, coordZ in world mm, LPS, probability),
-so `python -m radflow.luna16` scores it against LUNA16's or radflow.lidc's annotations.
+with OUT_DIR/seriesuids.csv listing the scans, so `python -m radflow.luna16` scores
+them against LUNA16's or radflow.lidc's annotations (`make lidc-localization`).
 The output names the user's own series: it is theirs, outside any study's results/.
 """
 
@@ -42,7 +43,8 @@ def _config(path: Path | None) -> dict:
 def apply_study(study: Path, dicom_dir: Path, out_dir: Path, *, config: Path | None = None,
                 device: str = "cpu", progress: bool = True) -> pd.DataFrame:  # fmt: skip
     """Candidates of every series under `dicom_dir` (module docstring); writes
-    `out_dir`/candidates.csv and returns it."""
+    `out_dir`/candidates.csv and seriesuids.csv (every series found) and returns the
+    candidates."""
     import nibabel as nib
     import pydicom
 
@@ -112,6 +114,8 @@ def apply_study(study: Path, dicom_dir: Path, out_dir: Path, *, config: Path | N
     table = pd.DataFrame(rows, columns=["seriesuid", "coordX", "coordY", "coordZ", "probability"])
     with atomic_path(out_dir / "candidates.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
+    with atomic_path(out_dir / "seriesuids.csv") as tmp:  # the scans scored (LUNA16's form)
+        pd.DataFrame({"seriesuid": sorted(uid_of_pid.values())}).to_csv(tmp, index=False)
     return table
 
 
