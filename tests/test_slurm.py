@@ -131,23 +131,26 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def runs(cluster, tmp_path_factory):
-    """The tiny study run twice: through SLURM, and locally at the same time (the SLURM
-    run spends most of its time between status checks). Returns both folders and the
-    jobs Snakemake planned for the SLURM run."""
-    slurm, local = tmp_path_factory.mktemp("slurm"), tmp_path_factory.mktemp("local")
+def runs(cluster, tmp_path_factory, request):
+    """The tiny study run through SLURM, and the same study run locally: the session's
+    run (tests/conftest.py), made meanwhile unless another module needed it first (the
+    SLURM run spends most of its time between status checks). The local run leaves out
+    tests/configs/slurm.yaml, which sets SLURM resources only. Returns both folders and
+    the jobs Snakemake planned for the SLURM run."""
+    slurm, logs = tmp_path_factory.mktemp("slurm"), tmp_path_factory.mktemp("slurm_output")
     planned = planned_jobs(slurm, env=cluster.env())
-    local_args = ("--cores", "2", "--resources", "gpu=1")
-    with (local / "out.txt").open("w+") as out, (local / "err.txt").open("w+") as err:
-        local_run = subprocess.Popen(command(local, *local_args), cwd=local, stdout=out, stderr=err)
+    args = (*SLURM_ARGS, *GRES_FOR_PREDICT)
+    with (logs / "out.txt").open("w+") as out, (logs / "err.txt").open("w+") as err:
+        slurm_run = subprocess.Popen(
+            command(slurm, *args), cwd=slurm, stdout=out, stderr=err, env=cluster.env()
+        )
         try:
-            snakemake(slurm, *SLURM_ARGS, *GRES_FOR_PREDICT, env=cluster.env())
+            local = request.getfixturevalue("tiny_study")
         finally:
-            local_run.wait()
+            slurm_run.wait()
             out.seek(0), err.seek(0)
             check(
-                subprocess.CompletedProcess([], local_run.returncode, out.read(), err.read()),
-                local_args,
+                subprocess.CompletedProcess([], slurm_run.returncode, out.read(), err.read()), args
             )
     return slurm, local, planned
 

@@ -81,9 +81,11 @@ def planned_jobs(workdir: Path, configs=(), *args: str, targets=()) -> dict[str,
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("study")
-    snakemake(workdir)
+def study(tiny_study, tmp_path_factory):
+    """The tiny study (run once per session, tests/conftest.py), copied with its
+    Snakemake records, and its report."""
+    workdir = tmp_path_factory.mktemp("study") / "study"
+    shutil.copytree(tiny_study, workdir, symlinks=True)
     snakemake(workdir, "--report", "results/report.html")
     return workdir
 

@@ -5,6 +5,7 @@ study's outputs byte for byte and plans only what a config change asks for."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -45,9 +46,11 @@ def _study_files(workdir: Path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def ablated(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("ablation")
-    snakemake(workdir)  # the tiny study first
+def ablated(tiny_study, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ablation") / "study"
+    # the tiny study first: a copy of the session's run (tests/conftest.py), mtimes and
+    # Snakemake's records kept (still complete: see the second test)
+    shutil.copytree(tiny_study, workdir, symlinks=True)
     before = _study_files(workdir)
     config = _config(workdir, "ablation_config", ABLATION)
     snakemake(workdir, configs=[config], targets=["ablation"])
