@@ -8,6 +8,7 @@ import torch
 
 from radflow.tasks.localization.centres import (
     IGNORE,
+    N_OUTPUTS,
     centre_loss,
     extract_candidates,
     merge_candidates,
@@ -47,17 +48,17 @@ def test_loss_is_lower_for_the_right_heatmap_and_has_gradients():
                                      (1.0, 1.0, 1.0))  # fmt: skip
     y = torch.as_tensor(labels[None].astype(np.int64))
     targets = patch_targets(y)
-    good = torch.zeros(1, 5, 16, 32, 32)
+    good = torch.zeros(1, N_OUTPUTS, 16, 32, 32)
     good[:, 0] = torch.logit(targets["heatmap"].clamp(1e-4, 1 - 1e-4))
     good[:, 4] = targets["size"][0]
-    bad = torch.zeros(1, 5, 16, 32, 32, requires_grad=True)
+    bad = torch.zeros(1, N_OUTPUTS, 16, 32, 32, requires_grad=True)
     assert centre_loss(good, y) < 0.2 * centre_loss(bad, y)
     centre_loss(bad, y).backward()
     assert torch.isfinite(bad.grad).all() and bad.grad.abs().sum() > 0
 
 
 def test_candidates_are_heatmap_peaks_refined_and_suppressed():
-    out = torch.zeros(5, 20, 20, 20)
+    out = torch.zeros(N_OUTPUTS, 20, 20, 20)
     out[0, 5, 5, 5], out[0, 5, 5, 7], out[0, 15, 15, 15] = 0.9, 0.6, 0.4
     out[1, 5, 5, 5] = 0.25  # z offset
     out[4] = float(np.log(5.0))  # 5 voxels across: 10 mm at 2 mm voxels
