@@ -52,7 +52,9 @@ def localization_headline(metrics: dict) -> str:
                      "LUNA16 FROC with 95% CIs (bootstrap over scans):")  # fmt: skip
         for rate, sens, lo, hi in zip(s["fp_rates"], s["sensitivities"], s["ci_low"],
                                       s["ci_high"], strict=True):  # fmt: skip
-            lines.append(f"  sensitivity at {rate:g} FP/scan".ljust(34) + f"{sens:.3f} ({lo:.3f}-{hi:.3f})")
+            lines.append(
+                f"  sensitivity at {rate:g} FP/scan".ljust(34) + f"{sens:.3f} ({lo:.3f}-{hi:.3f})"
+            )
         lo, hi = s["cpm_ci_low"], s["cpm_ci_high"]
         lines.append("  CPM".ljust(34) + f"{s['cpm']:.3f} ({lo:.3f}-{hi:.3f})")
     return "\n".join(lines)

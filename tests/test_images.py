@@ -316,5 +316,7 @@ def test_lesions_table_in_world_coordinates(tmp_path):
     bad = tmp_path / "bad.csv"
     pd.DataFrame([dict(case_id="scan1", coordX="left", coordY=0, coordZ=0,
                        diameter_mm=1)]).to_csv(bad, index=False)  # fmt: skip
-    with pytest.raises(ValueError, match=r"bad.csv: line 2: column coordX holds .left., not a number"):
+    with pytest.raises(
+        ValueError, match=r"bad.csv: line 2: column coordX holds .left., not a number"
+    ):
         build_table_index(table, key=KEY, n_shards=1, lesions_table=bad, progress=False)

@@ -73,7 +73,11 @@ def test_candidates_are_heatmap_peaks_refined_and_suppressed():
 def test_nms_keeps_distant_points_and_merge_averages_models():
     points = np.array([[0.0, 0, 0], [2.0, 0, 0], [20.0, 0, 0]])
     assert list(nms_mm(points, np.array([1.0, 1.0, 1.0]), np.array([0.5, 0.9, 0.1]), 3.0)) == [1, 2]
-    a = {"points_mm": np.array([[0.0, 0, 0]]), "diameters_mm": np.array([6.0]), "scores": np.array([0.8])}
+    a = {
+        "points_mm": np.array([[0.0, 0, 0]]),
+        "diameters_mm": np.array([6.0]),
+        "scores": np.array([0.8]),
+    }
     b = {"points_mm": np.array([[1.0, 0, 0], [50.0, 0, 0]]), "diameters_mm": np.array([6.0, 6.0]),
          "scores": np.array([0.4, 0.6])}  # fmt: skip
     merged = merge_candidates([a, b], 5.0)

@@ -128,8 +128,12 @@ def main(argv=None) -> int:
     parser.add_argument("study", type=Path, help="the study folder (results/train/...)")
     parser.add_argument("dicom_dir", type=Path, help="a folder of DICOM series")
     parser.add_argument("out_dir", type=Path, help="where candidates.csv is written")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="the study's config file (its preprocess: and localization: keys)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="the study's config file (its preprocess: and localization: keys)",
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:

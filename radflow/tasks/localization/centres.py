@@ -82,7 +82,9 @@ def render_nodule_labels(
                 next_id += 1  # a nodule outside the array keeps its id's place
             continue
         grid = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
-        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radius_vox, strict=True)) <= 1
+        inside = (
+            sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radius_vox, strict=True)) <= 1
+        )
         box = labels[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
         if excluded[i]:
             box[inside] = IGNORE
@@ -139,7 +141,9 @@ def patch_targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:
         offset = torch.stack(offsets)
         size = torch.tensor(sizes, device=device)
     else:
-        index = tuple(torch.zeros(0, dtype=torch.long, device=device) for _ in range(1 + len(spatial)))
+        index = tuple(
+            torch.zeros(0, dtype=torch.long, device=device) for _ in range(1 + len(spatial))
+        )
         offset = torch.zeros((0, len(spatial)), device=device)
         size = torch.zeros(0, device=device)
     return {"heatmap": heatmap, "weight": weight, "centre": index, "offset": offset, "size": size}
@@ -186,7 +190,9 @@ def centre_activation(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def heatmap_peaks(heatmap: torch.Tensor, threshold: float, max_peaks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def heatmap_peaks(
+    heatmap: torch.Tensor, threshold: float, max_peaks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Local maxima (3x3x3) of a (*spatial) probability map above `threshold`: (k, dims)
     voxel indices and their scores, highest first, at most `max_peaks`."""
     pooled = F.max_pool3d(heatmap[None, None], 3, stride=1, padding=1)[0, 0]
@@ -238,7 +244,9 @@ def extract_candidates(
     return {"centres": centres[keep], "diameters_mm": diameters[keep], "scores": scores_np[keep]}
 
 
-def merge_candidates(groups: Sequence[dict[str, np.ndarray]], min_distance_mm: float) -> dict[str, np.ndarray]:
+def merge_candidates(
+    groups: Sequence[dict[str, np.ndarray]], min_distance_mm: float
+) -> dict[str, np.ndarray]:
     """An ensemble of several models' candidates of one scan (world mm): candidates of
     different models closer than max(radius, `min_distance_mm`) are one cluster, scored
     by the sum of its members' best scores per model over the number of models (a model
@@ -268,4 +276,8 @@ def merge_candidates(groups: Sequence[dict[str, np.ndarray]], min_distance_mm: f
         out_p.append((points[chosen] * w[:, None]).sum(0) / w.sum())
         out_d.append(float(np.average(diameters[chosen], weights=w)))
         out_s.append(float(w.sum() / k))
-    return {"points_mm": np.array(out_p), "diameters_mm": np.array(out_d), "scores": np.array(out_s)}
+    return {
+        "points_mm": np.array(out_p),
+        "diameters_mm": np.array(out_d),
+        "scores": np.array(out_s),
+    }

@@ -105,7 +105,9 @@ def evaluate_localization(predictions: pd.DataFrame, settings, *, n_boot: int, o
         submissions.append(candidates[LUNA_COLUMNS])
     if not results:
         raise ValueError("no validation or test scan was predicted: nothing to evaluate")
-    froc = pd.DataFrame(froc_rows, columns=["set", "fp_per_scan", "sensitivity", "ci_low", "ci_high"])
+    froc = pd.DataFrame(
+        froc_rows, columns=["set", "fp_per_scan", "sensitivity", "ci_low", "ci_high"]
+    )
     write_tsv(froc, out_dir / EVAL_FROC_TABLE)
     nodules = pd.concat(nodule_tables, ignore_index=True)
     nodules[T.IMAGE] = nodules["seriesuid"].map(image_of)

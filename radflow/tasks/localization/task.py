@@ -244,13 +244,13 @@ class Localization(Task):
         return dict(options) if keys is None else {k: options[k] for k in keys if k in options}
 
     # ------------------------------------------------------------------ training
-    def build_model(self, model: ModelSettings, *, in_channels: int, spatial_dims: int) -> nn.Module:
-        from radflow.models.unet import build_unet
-        from radflow.tasks.localization.centres import N_OUTPUTS
-
+    def build_model(
+        self, model: ModelSettings, *, in_channels: int, spatial_dims: int
+    ) -> nn.Module:
         import torch
 
-        from radflow.tasks.localization.centres import HEATMAP_PRIOR
+        from radflow.models.unet import build_unet
+        from radflow.tasks.localization.centres import HEATMAP_PRIOR, N_OUTPUTS
 
         if spatial_dims != 3:
             raise ConfigError(f"task localization takes 3D images, got {spatial_dims}D")
@@ -399,7 +399,9 @@ def detect(model, image: np.ndarray, geometry, settings: LocalizationSettings, *
         outputs, case_spacing(geometry), threshold=settings.threshold,
         max_candidates=settings.max_candidates, min_distance_mm=settings.nms_distance_mm,
     )  # fmt: skip
-    found["points_mm"] = preprocessed_to_world(found["centres"], geometry, frame="LPS").reshape(-1, 3)
+    found["points_mm"] = preprocessed_to_world(found["centres"], geometry, frame="LPS").reshape(
+        -1, 3
+    )
     return found
 
 
