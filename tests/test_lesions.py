@@ -9,7 +9,8 @@ import pytest
 from radflow import conventions as C
 from radflow.dicom.index import build_index
 from radflow.lesions import EXCLUDED_LESIONS_TABLE, LESIONS_TABLE
-from tests.dicom_factory import rotation_cosines, write_labels, write_volume
+
+from dicom_factory import rotation_cosines, write_labels, write_volume
 
 KEY = b"k" * 32
 

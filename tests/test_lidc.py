@@ -13,7 +13,8 @@ import pydicom
 import pytest
 
 from radflow import lidc
-from tests.dicom_factory import write_volume
+
+from dicom_factory import write_volume
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LIDC, LUNA16 = DATA / "lidc", DATA / "luna16"

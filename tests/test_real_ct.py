@@ -15,6 +15,7 @@ import pandas as pd
 import pydicom
 import pytest
 import SimpleITK as sitk
+from test_real_dicom import N_SHARDS, _dcm2niix, _headers, _index_and_convert
 
 from radflow import conventions as C
 from radflow.dicom.index import read_shard_files
@@ -25,7 +26,6 @@ from radflow.geometry import (
     world_to_preprocessed,
 )
 from radflow.images import read_info, world_to_index
-from tests.test_real_dicom import N_SHARDS, _dcm2niix, _headers, _index_and_convert
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LIDC, LUNA16 = DATA / "lidc", DATA / "luna16"
