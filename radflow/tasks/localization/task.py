@@ -354,6 +354,7 @@ class Localization(Task):
                                     REPORT_DIR / "localization_per_nodule.rst",
                                     {"table": "per nodule: hit or miss"}),
             "candidates": StageFile(E.EVAL_SUBMISSION),
+            "scored": StageFile(E.EVAL_CANDIDATES),
             "metrics": StageFile(E.EVAL_JSON),
         }  # fmt: skip
 
