@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -18,6 +20,18 @@ PHI_KEYWORDS = (
     "ReferringPhysicianName", "OperatorsName", "DeviceSerialNumber", "StudyInstanceUID",
     "SeriesInstanceUID", "SOPInstanceUID", "StudyID",
 )  # fmt: skip
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_example(example: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake on an example config shrunk by `workdir`/tiny.yaml (layered over
+    config/config.yaml and `example`), 2 cores and one GPU slot; `args` appended."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(REPO / "config" / "config.yaml"), str(example),
+           str(workdir / "tiny.yaml"), "--cores", "2", "--resources", "gpu=1", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
 
 
 def make_cohort(root: Path, n_patients: int = 24, seed: int = 1, threads: int = 2, **spec):

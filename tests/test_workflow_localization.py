@@ -8,7 +8,6 @@ A second run does nothing; no planted identifier reaches results/."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from radflow.data import VolumeStore
 from radflow.luna16 import read_annotations, read_candidates, read_seriesuids, score
 from radflow.tables import read_tsv
 
-from synth_cohort import planted_phi, text_of
+from synth_cohort import planted_phi, run_example, text_of
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.workflow
@@ -37,10 +36,7 @@ TINY = {
 
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(REPO / "config" / "config.yaml"), str(EXAMPLE),
-           str(workdir / "tiny.yaml"), "--cores", "2", "--resources", "gpu=1", *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    return run_example(EXAMPLE, workdir, *args)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ results/."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -22,7 +21,7 @@ from radflow import conventions as C
 from radflow.tables import read_tsv
 from radflow.tasks.segmentation.dicom_seg import labels_on_source_frames, reference_files
 
-from synth_cohort import planted_phi, text_of
+from synth_cohort import planted_phi, run_example, text_of
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.workflow
@@ -42,10 +41,7 @@ SEGMENTS = {1: "necrosis", 2: "oedema", 4: "enhancing"}
 
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(REPO / "config" / "config.yaml"), str(EXAMPLE),
-           str(workdir / "tiny.yaml"), "--cores", "2", "--resources", "gpu=1", *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    return run_example(EXAMPLE, workdir, *args)
 
 
 @pytest.fixture(scope="module")

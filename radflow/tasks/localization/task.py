@@ -164,57 +164,6 @@ def patch_cpm(labels: np.ndarray, heatmaps: np.ndarray, *, threshold: float = 0.
     return float(np.mean(sensitivities))
 
 
-# ------------------------------------------------------------------ training data
-class CentreData:
-    """`radflow.train.fit`'s data for localisation: training batches of patches around
-    nodules or anywhere (`PatchLoader` over nodule label maps, 3D augmentation in its
-    thread); validation on fixed patches of the validation cases, half around a
-    nodule, drawn once with the seed. Targets are the label patches; the loss derives
-    heatmaps from them (`centres.centre_loss`)."""
-
-    def __init__(self, store, train_pids, val_pids, train_settings, settings: LocalizationSettings):
-        from radflow.tasks.segmentation.patches import sample_batch
-
-        self.settings = settings
-        self.train_settings = train_settings
-        self.train_cases = [nodule_case(store, pid) for pid in train_pids]
-        self.in_channels = self.train_cases[0].image.shape[0]
-        self.spatial_dims = 3
-        val_cases = [nodule_case(store, pid) for pid in val_pids]
-        rng = np.random.default_rng([train_settings.seed, 1])
-        self.val_images, self.val_targets = sample_batch(
-            val_cases, settings.patch_size, settings.validation_patches * len(val_cases), rng,
-            oversample_foreground=0.5,
-        )  # fmt: skip
-        self.loader = None
-
-    def prepare(self, model, device) -> None:
-        from radflow.tasks.segmentation.patches import PatchLoader
-
-        self.loader = PatchLoader(
-            self.train_cases,
-            self.settings.patch_size,
-            self.train_settings.batch_size,
-            self.settings.iterations_per_epoch,
-            seed=self.train_settings.seed,
-            oversample_foreground=self.settings.oversample_positive,
-            augment=self.settings.augment_settings(),
-            pin_memory=device.type == "cuda",
-        )
-
-    def steps_per_epoch(self) -> int:
-        return self.settings.iterations_per_epoch
-
-    def epoch_batches(self):
-        return iter(self.loader)
-
-    def augment(self, x, y):
-        return x, y  # augmented in the loader's thread
-
-    def validation(self):
-        return self.val_images, self.val_targets
-
-
 # ------------------------------------------------------------------ the task
 class Localization(Task):
     name = "localization"
@@ -283,7 +232,13 @@ class Localization(Task):
                 "data.lesions_table (LUNA16's annotations.csv form)"
             )
         print(f"training on {len(train)} cases with {n_train} lesions")
-        return CentreData(store, train, val, settings, self.settings)
+        from radflow.tasks.segmentation.patches import PatchTrainingData
+
+        # patches around nodules or anywhere; targets are nodule label patches, from
+        # which the loss derives the heatmaps (`centres.centre_loss`)
+        return PatchTrainingData([nodule_case(store, p) for p in train],
+                                 [nodule_case(store, p) for p in val], settings, self.settings,
+                                 self.settings.oversample_positive)  # fmt: skip
 
     # ------------------------------------------------------------------- predict
     def prediction_table(self, cases: pd.DataFrame, outputs: np.ndarray) -> pd.DataFrame:

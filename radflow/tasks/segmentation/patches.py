@@ -57,8 +57,10 @@ from radflow.tasks.segmentation.augment import (
 )
 
 __all__ = [
+    "PatchData",
     "PatchDraw",
     "PatchLoader",
+    "PatchTrainingData",
     "SegmentationCase",
     "channel_minimum",
     "draw_patches",
@@ -319,3 +321,83 @@ class PatchLoader:
             return x, y
 
         return prefetched(make, range(self.iterations_per_epoch), self.prefetch)
+
+
+class PatchTrainingData:
+    """`radflow.train.fit`'s data (its docstring has the protocol) over patches: training
+    batches from `PatchLoader` over `train_cases` (augmented in its thread), validation
+    on `validation_patches` fixed patches per validation case, half of them on
+    foreground, drawn once from the seed. Tasks of the volumes layout subclass it
+    (segmentation maps label values to classes in `augment`; localisation uses it as is).
+
+    `settings`: the task's settings with `patch_size`, `iterations_per_epoch`,
+    `validation_patches` and `augment_settings()`; `oversample`: the loader's share of
+    foreground patches."""
+
+    def __init__(self, train_cases: Sequence[SegmentationCase],
+                 val_cases: Sequence[SegmentationCase], train_settings, settings,
+                 oversample: float):  # fmt: skip
+        self.settings = settings
+        self.train_settings = train_settings
+        self.oversample = oversample
+        self.train_cases = list(train_cases)
+        self.in_channels = self.train_cases[0].image.shape[0]
+        self.spatial_dims = self.train_cases[0].image.ndim - 1
+        rng = np.random.default_rng([train_settings.seed, 1])
+        self.val_images, self.val_targets = sample_batch(
+            val_cases, settings.patch_size, settings.validation_patches * len(val_cases), rng,
+            oversample_foreground=0.5,
+        )  # fmt: skip
+        self.loader = None
+
+    def prepare(self, model, device) -> None:
+        self.loader = PatchLoader(
+            self.train_cases,
+            self.settings.patch_size,
+            self.train_settings.batch_size,
+            self.settings.iterations_per_epoch,
+            seed=self.train_settings.seed,
+            oversample_foreground=self.oversample,
+            augment=self.settings.augment_settings(),
+            pin_memory=device.type == "cuda",
+        )
+
+    def steps_per_epoch(self) -> int:
+        return self.settings.iterations_per_epoch
+
+    def epoch_batches(self):
+        return iter(self.loader)
+
+    def augment(self, x, y):
+        return x, y  # augmented in the loader's thread
+
+    def validation(self):
+        return self.val_images, self.val_targets
+
+
+class PatchData(PatchTrainingData):
+    """Segmentation's training data: patches of the cases' images and masks, the mask
+    values mapped to class indices on the device (`SegmentationSettings.class_of_value`)."""
+
+    @classmethod
+    def from_store(cls, store, train_pids, val_pids, train_settings, settings) -> PatchData:
+        def case(pid: str) -> SegmentationCase:
+            image, mask = store.image(pid), store.mask(pid)
+            return SegmentationCase(
+                image, mask, foreground_locations(mask), background=channel_minimum(image)
+            )
+
+        data = cls([case(pid) for pid in train_pids], [case(pid) for pid in val_pids],
+                   train_settings, settings, settings.oversample_foreground)  # fmt: skip
+        data.lut_np = settings.class_of_value()
+        data.val_targets = data.lut_np[data.val_targets]
+        data.lut = None
+        return data
+
+    def prepare(self, model, device) -> None:
+        super().prepare(model, device)
+        self.lut = torch.as_tensor(self.lut_np, device=device)
+
+    def augment(self, x, y):
+        # augmented in the loader's thread; here only the label values become classes
+        return x, self.lut[y]

@@ -174,76 +174,6 @@ def check_mask_values(store, pids: Sequence[str], settings: SegmentationSettings
 
 
 # ------------------------------------------------------------------ training data
-class PatchData:
-    """`radflow.train.fit`'s data (its docstring has the protocol) for segmentation:
-    training batches of patches from the training cases (`patches.PatchLoader`), the
-    labels mapped to class indices on the device; validation on fixed patches of the
-    validation cases (half centred on foreground), drawn once with the seed."""
-
-    def __init__(self, store, train_pids, val_pids, train_settings, settings: SegmentationSettings):
-        from radflow.tasks.segmentation.patches import (
-            SegmentationCase,
-            channel_minimum,
-            foreground_locations,
-            sample_batch,
-        )
-
-        def case(pid: str) -> SegmentationCase:
-            image, mask = store.image(pid), store.mask(pid)
-            return SegmentationCase(
-                image, mask, foreground_locations(mask), background=channel_minimum(image)
-            )
-
-        self.settings = settings
-        self.train_settings = train_settings
-        self.train_cases = [case(pid) for pid in train_pids]
-        self.in_channels = self.train_cases[0].image.shape[0]
-        self.spatial_dims = self.train_cases[0].image.ndim - 1
-        self.lut_np = settings.class_of_value()
-        val_cases = [case(pid) for pid in val_pids]
-        rng = np.random.default_rng([train_settings.seed, 1])
-        images, labels = sample_batch(
-            val_cases,
-            settings.patch_size,
-            settings.validation_patches * len(val_cases),
-            rng,
-            oversample_foreground=0.5,
-        )
-        self.val_images, self.val_targets = images, self.lut_np[labels]
-        self.loader = None
-        self.lut = None
-
-    def prepare(self, model, device) -> None:
-        import torch
-
-        from radflow.tasks.segmentation.patches import PatchLoader
-
-        self.lut = torch.as_tensor(self.lut_np, device=device)
-        self.loader = PatchLoader(
-            self.train_cases,
-            self.settings.patch_size,
-            self.train_settings.batch_size,
-            self.settings.iterations_per_epoch,
-            seed=self.train_settings.seed,
-            oversample_foreground=self.settings.oversample_foreground,
-            augment=self.settings.augment_settings(),
-            pin_memory=device.type == "cuda",
-        )
-
-    def steps_per_epoch(self) -> int:
-        return self.settings.iterations_per_epoch
-
-    def epoch_batches(self):
-        return iter(self.loader)
-
-    def augment(self, x, y):
-        # augmented in the loader's thread; here only the label values become classes
-        return x, self.lut[y]
-
-    def validation(self):
-        return self.val_images, self.val_targets
-
-
 # ------------------------------------------------------------------ the task
 class Segmentation(Task):
     name = "segmentation"
@@ -323,7 +253,10 @@ class Segmentation(Task):
             if not pids[part]:
                 raise ValueError(f"no {part} case of this fold has a mask")
         check_mask_values(store, pids["training"] + pids["validation"], self.settings)
-        return PatchData(store, pids["training"], pids["validation"], settings, self.settings)
+        from radflow.tasks.segmentation.patches import PatchData
+
+        return PatchData.from_store(store, pids["training"], pids["validation"], settings,
+                                    self.settings)  # fmt: skip
 
     # ------------------------------------------------------------------- predict
     def prediction_table(self, cases: pd.DataFrame, outputs: np.ndarray) -> pd.DataFrame:
